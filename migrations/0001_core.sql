@@ -1,0 +1,306 @@
+-- postbox 0001: schema, endpoints, outbox, attempts and the enqueue function.
+--
+-- Everything lives in the schema "postbox", including the bookkeeping table
+-- that records which of these files have been applied. `postbox migrate`
+-- applies the files in order, each in one transaction under an advisory lock;
+-- teams applying SQL files with their own tool can run them as they are (each
+-- file records itself in postbox.schema_migrations).
+
+CREATE SCHEMA IF NOT EXISTS postbox;
+
+CREATE TABLE IF NOT EXISTS postbox.schema_migrations (
+    version     bigint      PRIMARY KEY,
+    description text        NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- One row per distinct callback URL.
+CREATE TABLE postbox.endpoints (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    url             text        NOT NULL UNIQUE,
+    -- Space-separated `whsec_…` secrets; NULL = the worker's default secret.
+    secret          text,
+    max_in_flight   integer     NOT NULL DEFAULT 10 CHECK (max_in_flight > 0),
+    rate_per_minute integer              DEFAULT 100 CHECK (rate_per_minute > 0),
+    disabled_at     timestamptz,
+    disabled_reason text,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT endpoints_secret_format CHECK (
+        secret IS NULL OR secret ~ '^whsec_[A-Za-z0-9+/=]+( whsec_[A-Za-z0-9+/=]+)*$')
+);
+
+-- One row per webhook event.
+CREATE TABLE postbox.outbox (
+    id               uuid        PRIMARY KEY,
+    conversation_id  uuid        NOT NULL,
+    message_id       uuid        NOT NULL,
+    endpoint_id      bigint      NOT NULL REFERENCES postbox.endpoints (id),
+    payload          jsonb       NOT NULL,
+    status           text        NOT NULL DEFAULT 'pending'
+                     CHECK (status IN ('pending', 'delivered', 'failed', 'cancelled')),
+    attempts         integer     NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+    max_attempts     integer     NOT NULL DEFAULT 4 CHECK (max_attempts > 0),
+    -- When the row may next be claimed. While a worker holds the lease this is
+    -- the lease's end, so an expired lease makes the row due again by itself.
+    next_attempt_at  timestamptz NOT NULL DEFAULT now(),
+    locked_by        text,
+    locked_until     timestamptz,
+    last_attempt_at  timestamptz,
+    last_status_code integer,
+    last_error       text,
+    delivered_at     timestamptz,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    ordering_key     text
+) WITH (fillfactor = 70);
+
+-- The claim query reads only this: due pending rows, oldest first.
+CREATE INDEX outbox_due_idx ON postbox.outbox (next_attempt_at) WHERE status = 'pending';
+CREATE INDEX outbox_endpoint_status_idx ON postbox.outbox (endpoint_id, status);
+CREATE INDEX outbox_conversation_idx ON postbox.outbox (conversation_id);
+CREATE INDEX outbox_message_idx ON postbox.outbox (message_id);
+
+-- One row per delivery attempt: the retry attempt log.
+CREATE TABLE postbox.attempts (
+    outbox_id     uuid        NOT NULL REFERENCES postbox.outbox (id) ON DELETE CASCADE,
+    attempt       integer     NOT NULL CHECK (attempt > 0),
+    worker_id     text        NOT NULL,
+    started_at    timestamptz NOT NULL,
+    duration_ms   integer     NOT NULL,
+    status_code   integer,
+    error_kind    text CHECK (error_kind IN
+                  ('timeout', 'connect', 'tls', 'http_status', 'blocked', 'redirect', 'body_too_large', 'other')),
+    error         text,
+    response_body text,
+    PRIMARY KEY (outbox_id, attempt)
+);
+CREATE INDEX attempts_started_at_idx ON postbox.attempts (started_at);
+
+-- A time-ordered UUID (version 7): 48 bits of Unix milliseconds, then random bits.
+CREATE FUNCTION postbox.uuid_v7() RETURNS uuid
+LANGUAGE sql VOLATILE PARALLEL SAFE AS $$
+    SELECT encode(
+        set_bit(set_bit(
+            overlay(uuid_send(gen_random_uuid())
+                    PLACING substring(int8send((extract(epoch FROM clock_timestamp()) * 1000)::bigint) FROM 3)
+                    FROM 1 FOR 6),
+            52, 1), 53, 1),
+        'hex')::uuid
+$$;
+
+ALTER TABLE postbox.outbox ALTER COLUMN id SET DEFAULT postbox.uuid_v7();
+
+-- Raises invalid_parameter_value naming the offending field.
+CREATE FUNCTION postbox.invalid(field text, problem text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'postbox: invalid %: %', field, problem
+        USING ERRCODE = 'invalid_parameter_value', COLUMN = field;
+END
+$$;
+
+-- Checks a callback URL. http:// is accepted only where the setting
+-- postbox.allow_http is on (e.g. ALTER DATABASE … SET postbox.allow_http = on).
+CREATE FUNCTION postbox.check_callback_url(url text) RETURNS text
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    allow_http boolean := coalesce(current_setting('postbox.allow_http', true), '') IN ('on', 'true', '1', 'yes');
+    authority text;
+BEGIN
+    IF url IS NULL OR url = '' THEN
+        PERFORM postbox.invalid('callback_url', 'is required');
+    END IF;
+    IF length(url) > 2048 THEN
+        PERFORM postbox.invalid('callback_url', 'is longer than 2048 characters');
+    END IF;
+    IF url ~ '[[:cntrl:][:space:]]' THEN
+        PERFORM postbox.invalid('callback_url', 'contains white space or control characters');
+    END IF;
+    IF url ~* '^http://' THEN
+        IF NOT allow_http THEN
+            PERFORM postbox.invalid('callback_url',
+                'must be an absolute https:// URL (plain http:// needs postbox.allow_http = on)');
+        END IF;
+    ELSIF url !~* '^https://' THEN
+        PERFORM postbox.invalid('callback_url', 'must be an absolute https:// URL');
+    END IF;
+    authority := substring(url FROM '^[A-Za-z]+://([^/?#]*)');
+    IF authority IS NULL OR authority = '' THEN
+        PERFORM postbox.invalid('callback_url', 'has no host');
+    END IF;
+    IF position('@' IN authority) > 0 THEN
+        PERFORM postbox.invalid('callback_url', 'must not carry credentials (user:password@)');
+    END IF;
+    IF authority !~ '^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%-]+)(:[0-9]{1,5})?$' THEN
+        PERFORM postbox.invalid('callback_url', 'has a malformed host or port');
+    END IF;
+    IF authority ~ ':[0-9]+$' AND substring(authority FROM ':([0-9]+)$')::int NOT BETWEEN 1 AND 65535 THEN
+        PERFORM postbox.invalid('callback_url', 'has a port outside 1-65535');
+    END IF;
+    RETURN url;
+END
+$$;
+
+-- Checks that a text field holds an ISO 8601 / RFC 3339 timestamp and returns
+-- it in RFC 3339 form: unchanged when it carries an offset, read as UTC and
+-- given a "Z" when it has none.
+CREATE FUNCTION postbox.check_timestamp(field text, value jsonb) RETURNS text
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    s text;
+BEGIN
+    IF value IS NULL OR jsonb_typeof(value) = 'null' THEN
+        PERFORM postbox.invalid(field, 'is required');
+    END IF;
+    IF jsonb_typeof(value) <> 'string' THEN
+        PERFORM postbox.invalid(field, 'must be an RFC 3339 timestamp string');
+    END IF;
+    s := value #>> '{}';
+    IF s !~ '^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})?$' THEN
+        PERFORM postbox.invalid(field, format('must be an RFC 3339 timestamp (got %s)', left(s, 64)));
+    END IF;
+    BEGIN
+        PERFORM (CASE WHEN s ~ '([Zz]|[+-]\d{2}:\d{2})$' THEN s ELSE s || 'Z' END)::timestamptz;
+    EXCEPTION WHEN others THEN
+        PERFORM postbox.invalid(field, format('is not a valid date and time (got %s)', left(s, 64)));
+    END;
+    IF s !~ '([Zz]|[+-]\d{2}:\d{2})$' THEN
+        s := s || 'Z';
+    END IF;
+    RETURN s;
+END
+$$;
+
+-- Validates a message event's "data" object and returns it normalised
+-- (timestamps in RFC 3339 form, JSON null optional fields dropped).
+CREATE FUNCTION postbox.check_message(data jsonb) RETURNS jsonb
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    key text;
+    f text;
+    out jsonb;
+BEGIN
+    IF data IS NULL OR jsonb_typeof(data) <> 'object' THEN
+        PERFORM postbox.invalid('data', 'must be a JSON object');
+    END IF;
+    FOR key IN SELECT jsonb_object_keys(data) LOOP
+        IF key NOT IN ('id', 'content', 'content_type', 'filename', 'type', 'channel', 'status',
+                       'metadata', 'created_by', 'updated_by', 'created_at', 'updated_at') THEN
+            PERFORM postbox.invalid('data.' || key, 'is not a field of a message event');
+        END IF;
+    END LOOP;
+
+    IF NOT data ? 'id' OR jsonb_typeof(data -> 'id') = 'null' THEN
+        PERFORM postbox.invalid('data.id', 'is required');
+    END IF;
+    IF jsonb_typeof(data -> 'id') <> 'string'
+       OR (data ->> 'id') !~* '^[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}$' THEN
+        PERFORM postbox.invalid('data.id', format('must be a UUID (got %s)', left(data ->> 'id', 64)));
+    END IF;
+
+    FOREACH f IN ARRAY ARRAY['content', 'created_by', 'updated_by'] LOOP
+        IF NOT data ? f OR jsonb_typeof(data -> f) = 'null' THEN
+            PERFORM postbox.invalid('data.' || f, 'is required');
+        END IF;
+        IF jsonb_typeof(data -> f) <> 'string' THEN
+            PERFORM postbox.invalid('data.' || f, 'must be a string');
+        END IF;
+    END LOOP;
+    IF (data ->> 'created_by') = '' THEN
+        PERFORM postbox.invalid('data.created_by', 'must not be empty');
+    END IF;
+    IF (data ->> 'updated_by') = '' THEN
+        PERFORM postbox.invalid('data.updated_by', 'must not be empty');
+    END IF;
+
+    PERFORM postbox.check_enum('data.content_type', data -> 'content_type',
+                               ARRAY['TEXT', 'IMAGE', 'VIDEO', 'DOCUMENT', 'AUDIO']);
+    PERFORM postbox.check_enum('data.type', data -> 'type', ARRAY['USER_INPUT', 'SYSTEM', 'BOT']);
+    PERFORM postbox.check_enum('data.channel', data -> 'channel', ARRAY['API', 'WHATSAPP', 'SMS']);
+    PERFORM postbox.check_enum('data.status', data -> 'status', ARRAY['RECEIVED', 'PROCESSED', 'FAILED']);
+
+    out := data;
+    IF jsonb_typeof(data -> 'filename') = 'null' THEN
+        out := out - 'filename';
+    ELSIF data ? 'filename' AND jsonb_typeof(data -> 'filename') <> 'string' THEN
+        PERFORM postbox.invalid('data.filename', 'must be a string');
+    END IF;
+    IF jsonb_typeof(data -> 'metadata') = 'null' THEN
+        out := out - 'metadata';
+    ELSIF data ? 'metadata' AND jsonb_typeof(data -> 'metadata') <> 'object' THEN
+        PERFORM postbox.invalid('data.metadata', 'must be a JSON object');
+    END IF;
+
+    out := jsonb_set(out, '{id}', to_jsonb(lower(data ->> 'id')::uuid::text));
+    out := jsonb_set(out, '{created_at}', to_jsonb(postbox.check_timestamp('data.created_at', data -> 'created_at')));
+    out := jsonb_set(out, '{updated_at}', to_jsonb(postbox.check_timestamp('data.updated_at', data -> 'updated_at')));
+    RETURN out;
+END
+$$;
+
+CREATE FUNCTION postbox.check_enum(field text, value jsonb, allowed text[]) RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF value IS NULL OR jsonb_typeof(value) = 'null' THEN
+        PERFORM postbox.invalid(field, 'is required');
+    END IF;
+    IF jsonb_typeof(value) <> 'string' OR NOT (value #>> '{}') = ANY (allowed) THEN
+        PERFORM postbox.invalid(field, format('must be one of %s (got %s)',
+                                              array_to_string(allowed, ', '), left(value::text, 64)));
+    END IF;
+END
+$$;
+
+-- Enqueues one message event for delivery to callback_url, inside the
+-- caller's transaction: the event becomes visible to workers when (and only
+-- if) that transaction commits. Returns the event id (the webhook-id).
+CREATE FUNCTION postbox.enqueue(callback_url text, conversation_id uuid, data jsonb,
+                                ordering_key text DEFAULT NULL) RETURNS uuid
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    max_bytes bigint := coalesce(nullif(current_setting('postbox.max_payload_bytes', true), ''), '262144')::bigint;
+    msg jsonb;
+    body jsonb;
+    ep_id bigint;
+    ep_disabled boolean;
+    event_id uuid := postbox.uuid_v7();
+BEGIN
+    PERFORM postbox.check_callback_url(callback_url);
+    IF conversation_id IS NULL THEN
+        PERFORM postbox.invalid('conversation_id', 'is required');
+    END IF;
+    IF ordering_key = '' THEN
+        PERFORM postbox.invalid('ordering_key', 'must not be empty (use NULL for no ordering)');
+    END IF;
+    msg := postbox.check_message(data);
+    body := jsonb_build_object(
+        'conversation_id', conversation_id,
+        'data', msg,
+        'timestamp', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'));
+    IF octet_length(body::text) > max_bytes THEN
+        PERFORM postbox.invalid('data', format('makes a payload of %s bytes, over the limit of %s bytes',
+                                               octet_length(body::text), max_bytes));
+    END IF;
+
+    SELECT e.id, e.disabled_at IS NOT NULL INTO ep_id, ep_disabled
+    FROM postbox.endpoints e WHERE e.url = callback_url;
+    IF ep_id IS NULL THEN
+        INSERT INTO postbox.endpoints (url) VALUES (callback_url)
+        ON CONFLICT (url) DO UPDATE SET url = EXCLUDED.url
+        RETURNING id, disabled_at IS NOT NULL INTO ep_id, ep_disabled;
+    END IF;
+
+    -- Events for a disabled endpoint are kept, parked until it is enabled.
+    INSERT INTO postbox.outbox (id, conversation_id, message_id, endpoint_id, payload, ordering_key,
+                                next_attempt_at)
+    VALUES (event_id, conversation_id, (msg ->> 'id')::uuid, ep_id, body, ordering_key,
+            CASE WHEN ep_disabled THEN 'infinity'::timestamptz ELSE now() END);
+
+    -- Wakes idle workers at commit; notifications with the same payload in one
+    -- transaction are folded into one by PostgreSQL.
+    PERFORM pg_notify('postbox_outbox', '');
+    RETURN event_id;
+END
+$$;
+
+INSERT INTO postbox.schema_migrations (version, description)
+VALUES (1, 'core') ON CONFLICT (version) DO NOTHING;

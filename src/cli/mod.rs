@@ -1,0 +1,201 @@
+//! The command line: `postbox <command>`. Every flag can also be set by an
+//! environment variable (and a `.env` file). Configuration errors exit 2,
+//! naming the variable; runtime errors exit 1.
+
+mod admin;
+mod demo;
+mod listen;
+mod metrics_server;
+mod worker;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use postbox::ConfigError;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+
+/// Delivers signed webhooks for message events out of a PostgreSQL outbox.
+#[derive(Debug, Parser)]
+#[command(name = "postbox", version, about)]
+struct Cli {
+    /// Log format: text or json.
+    #[arg(long, env = "POSTBOX_LOG_FORMAT", default_value = "text", global = true)]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Apply the database migrations (idempotent).
+    Migrate(DbArgs),
+    /// Deliver webhooks until SIGTERM/SIGINT.
+    Worker(worker::WorkerArgs),
+    /// Enqueue one test message event.
+    Enqueue(admin::EnqueueArgs),
+    /// Backlog by status, oldest pending age, failing endpoints.
+    Status(admin::StatusArgs),
+    /// Put failed (or chosen) events back to pending.
+    Replay(admin::ReplayArgs),
+    /// List, disable, enable an endpoint; set its secret and limits.
+    Endpoint(admin::EndpointArgs),
+    /// A local receiver for development: prints and verifies each webhook.
+    Listen(listen::ListenArgs),
+    /// The whole flow on one machine with no set-up.
+    Demo(demo::DemoArgs),
+}
+
+/// The database connection, for every command that needs one.
+#[derive(Debug, clap::Args)]
+pub struct DbArgs {
+    /// PostgreSQL connection URL.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+}
+
+impl DbArgs {
+    /// Connects a pool of `size` connections.
+    pub async fn connect(&self, size: u32) -> Result<PgPool, Failure> {
+        let url = self.database_url.as_deref().filter(|u| !u.is_empty()).ok_or_else(|| {
+            Failure::Config(ConfigError::new(
+                "DATABASE_URL",
+                "is required (e.g. postgres://user@host/db)",
+            ))
+        })?;
+        connect(url, size).await
+    }
+}
+
+/// Connects to `url` with `size` connections.
+pub async fn connect(url: &str, size: u32) -> Result<PgPool, Failure> {
+    let opts: PgConnectOptions = url.parse().map_err(|e| {
+        Failure::Config(ConfigError::new(
+            "DATABASE_URL",
+            format!("is not a PostgreSQL URL: {e}"),
+        ))
+    })?;
+    let opts = opts.application_name("postbox");
+    PgPoolOptions::new()
+        .max_connections(size)
+        .acquire_timeout(std::time::Duration::from_secs(10))
+        .connect_with(opts)
+        .await
+        .map_err(|e| Failure::Runtime(format!("cannot connect to the database: {e}")))
+}
+
+/// How a command failed.
+#[derive(Debug)]
+pub enum Failure {
+    /// Bad configuration or input: exit 2.
+    Config(ConfigError),
+    /// Bad usage with a message: exit 2.
+    Usage(String),
+    /// Something failed while running: exit 1.
+    Runtime(String),
+}
+
+impl From<sqlx::Error> for Failure {
+    fn from(e: sqlx::Error) -> Self {
+        Failure::Runtime(format!("database error: {e}"))
+    }
+}
+
+impl From<postbox::MigrateError> for Failure {
+    fn from(e: postbox::MigrateError) -> Self {
+        Failure::Runtime(e.to_string())
+    }
+}
+
+fn init_logging(format: &str) -> Result<(), ConfigError> {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        "text" => builder.init(),
+        "json" => builder.json().flatten_event(true).init(),
+        other => {
+            return Err(ConfigError::new(
+                "POSTBOX_LOG_FORMAT",
+                format!("must be text or json, got {other:?}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    // A .env file is optional; a malformed one is a configuration error.
+    if let Err(e) = dotenvy::dotenv() {
+        if !e.not_found() {
+            eprintln!("error: .env: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    let cli = Cli::parse();
+    if let Err(e) = init_logging(&cli.log_format) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let result = runtime.block_on(run(cli.command));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Config(e)) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Usage(m)) => {
+            eprintln!("error: {m}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Runtime(m)) => {
+            eprintln!("error: {m}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(command: Command) -> Result<(), Failure> {
+    match command {
+        Command::Migrate(db) => {
+            let pool = db.connect(1).await?;
+            let applied = postbox::migrate(&pool).await?;
+            if applied.is_empty() {
+                println!(
+                    "migrations: up to date (version {})",
+                    postbox::migrate::latest_version()
+                );
+            } else {
+                println!("migrations: applied {applied:?}");
+            }
+            Ok(())
+        }
+        Command::Worker(args) => worker::run(args).await,
+        Command::Enqueue(args) => admin::enqueue(args).await,
+        Command::Status(args) => admin::status(args).await,
+        Command::Replay(args) => admin::replay(args).await,
+        Command::Endpoint(args) => admin::endpoint(args).await,
+        Command::Listen(args) => listen::run(args).await,
+        Command::Demo(args) => demo::run(args).await,
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT received; shutting down"),
+    }
+}

@@ -1,0 +1,176 @@
+//! The retry decision: one pure function from an attempt's result to what
+//! happens to the event next.
+
+use std::time::Duration;
+
+use super::ErrorKind;
+
+/// How failed attempts are retried.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    /// Delay after the 1st, 2nd, 3rd… failure; the last entry repeats when an
+    /// event allows more attempts than the schedule has entries.
+    pub schedule: Vec<Duration>,
+    /// Jitter as a fraction (0.0–0.2): a delay grows by up to this much, never shrinks.
+    pub jitter: f64,
+    /// Longest delay a receiver's `Retry-After` may ask for.
+    pub max_retry_after: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            schedule: vec![Duration::from_secs(4), Duration::from_secs(8), Duration::from_secs(10)],
+            jitter: 0.0,
+            max_retry_after: Duration::from_secs(600),
+        }
+    }
+}
+
+/// What one attempt produced, as far as the decision needs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttemptResult {
+    /// The response status, when a response came.
+    pub status: Option<u16>,
+    /// Why the attempt failed (`None` when it succeeded).
+    pub error: Option<ErrorKind>,
+    /// The receiver's `Retry-After`, already turned into a delay.
+    pub retry_after: Option<Duration>,
+}
+
+/// What happens to the event next.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Delivered: done.
+    Delivered,
+    /// Try again after this delay (from database `now()`).
+    Retry {
+        /// The delay.
+        after: Duration,
+    },
+    /// Attempts exhausted, or retrying cannot help (a blocked destination).
+    Failed,
+    /// 410 Gone: disable the endpoint and keep the event pending until it is re-enabled.
+    Gone,
+}
+
+impl RetryPolicy {
+    /// The scheduled delay after failed attempt number `attempt` (1-based).
+    pub fn base_delay(&self, attempt: i32) -> Duration {
+        let i = usize::try_from(attempt.max(1) - 1).unwrap_or(0);
+        self.schedule
+            .get(i)
+            .or(self.schedule.last())
+            .copied()
+            .unwrap_or(Duration::ZERO)
+    }
+
+    /// Decides the next step after attempt `attempt` of `max_attempts`.
+    /// `unit` is a number in [0, 1) that scales the jitter (random in
+    /// production, fixed in tests).
+    pub fn decide(&self, attempt: i32, max_attempts: i32, result: &AttemptResult, unit: f64) -> Decision {
+        match result.error {
+            None => return Decision::Delivered,
+            Some(ErrorKind::Blocked) => return Decision::Failed,
+            _ if result.status == Some(410) => return Decision::Gone,
+            _ => {}
+        }
+        if attempt >= max_attempts {
+            return Decision::Failed;
+        }
+        let base = self.base_delay(attempt);
+        let jittered = base.mul_f64(1.0 + self.jitter.clamp(0.0, 0.2) * unit.clamp(0.0, 1.0));
+        let after = match (result.status, result.retry_after) {
+            (Some(429 | 503), Some(asked)) => jittered.max(asked.min(self.max_retry_after)),
+            _ => jittered,
+        };
+        Decision::Retry { after }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failed(status: Option<u16>, kind: ErrorKind, retry_after: Option<u64>) -> AttemptResult {
+        AttemptResult {
+            status,
+            error: Some(kind),
+            retry_after: retry_after.map(Duration::from_secs),
+        }
+    }
+
+    fn secs(d: Decision) -> f64 {
+        match d {
+            Decision::Retry { after } => after.as_secs_f64(),
+            other => panic!("expected a retry, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn follows_the_seed_schedule_then_fails() {
+        let p = RetryPolicy::default();
+        let r = failed(Some(500), ErrorKind::HttpStatus, None);
+        assert_eq!(secs(p.decide(1, 4, &r, 0.5)), 4.0);
+        assert_eq!(secs(p.decide(2, 4, &r, 0.5)), 8.0);
+        assert_eq!(secs(p.decide(3, 4, &r, 0.5)), 10.0);
+        assert_eq!(p.decide(4, 4, &r, 0.5), Decision::Failed);
+        // More attempts than schedule entries: the last delay repeats.
+        assert_eq!(secs(p.decide(5, 9, &r, 0.0)), 10.0);
+    }
+
+    #[test]
+    fn success_and_gone_and_blocked() {
+        let p = RetryPolicy::default();
+        let ok = AttemptResult {
+            status: Some(204),
+            error: None,
+            retry_after: None,
+        };
+        assert_eq!(p.decide(4, 4, &ok, 0.0), Decision::Delivered);
+        assert_eq!(
+            p.decide(1, 4, &failed(Some(410), ErrorKind::HttpStatus, None), 0.0),
+            Decision::Gone
+        );
+        assert_eq!(
+            p.decide(1, 4, &failed(None, ErrorKind::Blocked, None), 0.0),
+            Decision::Failed
+        );
+    }
+
+    #[test]
+    fn jitter_only_lengthens_by_at_most_a_fifth() {
+        let p = RetryPolicy {
+            jitter: 0.5,
+            ..RetryPolicy::default()
+        };
+        let r = failed(None, ErrorKind::Timeout, None);
+        assert_eq!(secs(p.decide(1, 4, &r, 0.0)), 4.0);
+        assert!((secs(p.decide(1, 4, &r, 1.0)) - 4.8).abs() < 1e-9);
+    }
+
+    #[test]
+    fn retry_after_is_honoured_never_shorter_and_capped() {
+        let p = RetryPolicy {
+            max_retry_after: Duration::from_secs(60),
+            ..RetryPolicy::default()
+        };
+        assert_eq!(
+            secs(p.decide(1, 4, &failed(Some(429), ErrorKind::HttpStatus, Some(30)), 0.0)),
+            30.0
+        );
+        assert_eq!(
+            secs(p.decide(1, 4, &failed(Some(503), ErrorKind::HttpStatus, Some(1)), 0.0)),
+            4.0
+        );
+        assert_eq!(
+            secs(p.decide(1, 4, &failed(Some(429), ErrorKind::HttpStatus, Some(3600)), 0.0)),
+            60.0
+        );
+        // Only 429 and 503 carry a meaningful Retry-After.
+        assert_eq!(
+            secs(p.decide(1, 4, &failed(Some(500), ErrorKind::HttpStatus, Some(30)), 0.0)),
+            4.0
+        );
+    }
+}

@@ -1,0 +1,99 @@
+//! Schema migrations: plain SQL files in `migrations/`, embedded in the binary.
+//!
+//! Every object, the bookkeeping table `postbox.schema_migrations` included,
+//! lives in the schema `postbox`, so an application's own migration tool
+//! (sqlx's `public._sqlx_migrations`, Rails, Flyway…) is never touched.
+//! [`migrate`] applies the missing files in one transaction under an advisory
+//! lock: several processes may run it at once; the first applies, the others
+//! wait and then find nothing to do. Each file also records itself, so teams
+//! may apply the files with their own tool instead.
+
+use sqlx::PgPool;
+
+/// One embedded migration file.
+#[derive(Debug, Clone, Copy)]
+pub struct Migration {
+    /// Its version (the file's number).
+    pub version: i64,
+    /// A short name.
+    pub description: &'static str,
+    /// The file's SQL.
+    pub sql: &'static str,
+}
+
+/// The migrations this binary knows, in order.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    description: "core",
+    sql: include_str!("../migrations/0001_core.sql"),
+}];
+
+/// Advisory lock key taken while migrating ("postbox" in ASCII).
+const LOCK_KEY: i64 = 0x0070_6f73_7462_6f78;
+
+/// Failure to migrate.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// The database refused a statement or could not be reached.
+    #[error("migration {version} failed: {source}")]
+    Apply {
+        /// The migration being applied (0 before any).
+        version: i64,
+        /// The database's error.
+        #[source]
+        source: sqlx::Error,
+    },
+}
+
+/// Applies every missing migration; returns the versions it applied.
+pub async fn migrate(pool: &PgPool) -> Result<Vec<i64>, MigrateError> {
+    let err = |version| move |source| MigrateError::Apply { version, source };
+    let mut tx = pool.begin().await.map_err(err(0))?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(LOCK_KEY)
+        .execute(&mut *tx)
+        .await
+        .map_err(err(0))?;
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass('postbox.schema_migrations') IS NOT NULL")
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(err(0))?;
+    let applied: Vec<i64> = if exists {
+        sqlx::query_scalar("SELECT version FROM postbox.schema_migrations")
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(err(0))?
+    } else {
+        Vec::new()
+    };
+    let mut done = Vec::new();
+    for m in MIGRATIONS.iter().filter(|m| !applied.contains(&m.version)) {
+        sqlx::raw_sql(m.sql).execute(&mut *tx).await.map_err(err(m.version))?;
+        done.push(m.version);
+    }
+    tx.commit().await.map_err(err(0))?;
+    if let Some(newer) = applied.iter().filter(|v| **v > latest_version()).max() {
+        tracing::warn!(
+            newer,
+            known = latest_version(),
+            "the database has migrations newer than this binary"
+        );
+    }
+    Ok(done)
+}
+
+/// The newest migration this binary knows.
+pub fn latest_version() -> i64 {
+    MIGRATIONS.last().map_or(0, |m| m.version)
+}
+
+/// True when every migration this binary knows has been applied.
+pub async fn is_current(pool: &PgPool) -> Result<bool, sqlx::Error> {
+    let v: Option<i64> = sqlx::query_scalar(
+        "SELECT CASE WHEN to_regclass('postbox.schema_migrations') IS NULL THEN NULL
+                ELSE (SELECT max(version) FROM postbox.schema_migrations) END",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(v.unwrap_or(0) >= latest_version())
+}
