@@ -1,0 +1,390 @@
+//! Shared test harness: a real PostgreSQL database per test and a real HTTP
+//! receiver on loopback.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use postbox::delivery::{NetworkPolicy, Secrets};
+use postbox::throwaway::{Cluster, Durability};
+use postbox::{Message, MessageEvent, WorkerConfig};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection, PgPool};
+use uuid::Uuid;
+
+/// The default secret used by test workers.
+pub const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+
+/// `DATABASE_URL`, or a throwaway cluster started once per test process.
+pub fn base_url() -> String {
+    match std::env::var("DATABASE_URL") {
+        Ok(url) if !url.is_empty() => url,
+        _ => CLUSTER
+            .get_or_init(|| Cluster::start(Durability::Fast).expect("start a throwaway PostgreSQL"))
+            .url(),
+    }
+}
+
+/// A fresh database with postbox migrated into it.
+pub struct TestDb {
+    pub pool: PgPool,
+    pub url: String,
+    pub name: String,
+}
+
+fn with_db(url: &str, db: &str) -> String {
+    let mut u = reqwest::Url::parse(url).expect("DATABASE_URL is a URL");
+    u.set_path(&format!("/{db}"));
+    u.to_string()
+}
+
+async fn create_database() -> (String, String) {
+    let base = base_url();
+    let name = format!("postbox_test_{}", Uuid::new_v4().simple());
+    let mut admin = sqlx::PgConnection::connect(&base)
+        .await
+        .expect("connect to DATABASE_URL");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await
+        .expect("create test database");
+    admin.close().await.ok();
+    let url = with_db(&base, &name);
+    (name, url)
+}
+
+impl TestDb {
+    /// A new migrated database where `postbox.allow_http` is on (the test
+    /// receivers are plain http on loopback).
+    pub async fn new() -> TestDb {
+        let (name, url) = create_database().await;
+        let p = pool(&url, 1).await;
+        sqlx::query(&format!("ALTER DATABASE {name} SET postbox.allow_http = on"))
+            .execute(&p)
+            .await
+            .unwrap();
+        p.close().await;
+        let pool = pool(&url, 10).await;
+        postbox::migrate(&pool).await.expect("migrate");
+        TestDb { pool, url, name }
+    }
+
+    /// A new database with nothing in it.
+    pub async fn empty() -> TestDb {
+        let (name, url) = create_database().await;
+        TestDb {
+            pool: pool(&url, 10).await,
+            url,
+            name,
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        // Drop the database on a thread of its own (Drop cannot await).
+        let base = base_url();
+        let name = self.name.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                // FORCE ends this test's remaining connections.
+                if let Ok(mut c) = sqlx::PgConnection::connect(&base).await {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .execute(&mut c)
+                        .await;
+                }
+            });
+        })
+        .join()
+        .ok();
+    }
+}
+
+pub async fn pool(url: &str, size: u32) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(size)
+        .connect(url)
+        .await
+        .expect("connect to the test database")
+}
+
+/// One request as the receiver saw it.
+#[derive(Debug, Clone)]
+pub struct Hit {
+    pub headers: HashMap<String, String>,
+    pub body: Bytes,
+    pub at: Instant,
+}
+
+impl Hit {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers.get(name).map(String::as_str).unwrap_or("")
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("the body is JSON")
+    }
+
+    pub fn id(&self) -> Uuid {
+        self.header("webhook-id").parse().expect("webhook-id is a UUID")
+    }
+}
+
+/// How the receiver answers the `n`th request (1-based) it gets.
+pub type Script = Arc<dyn Fn(usize, &Hit) -> Reply + Send + Sync>;
+
+/// An answer: a status, optional headers and body, after an optional delay.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub delay: Duration,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn status(status: u16) -> Reply {
+        Reply {
+            status,
+            delay: Duration::ZERO,
+            headers: vec![],
+            body: String::new(),
+        }
+    }
+
+    pub fn delay(mut self, d: Duration) -> Reply {
+        self.delay = d;
+        self
+    }
+
+    pub fn header(mut self, name: &'static str, value: impl Into<String>) -> Reply {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    pub fn body(mut self, body: impl Into<String>) -> Reply {
+        self.body = body.into();
+        self
+    }
+}
+
+/// A real HTTP receiver on 127.0.0.1, recording every request.
+#[derive(Clone)]
+pub struct Receiver {
+    pub url: String,
+    pub addr: std::net::SocketAddr,
+    hits: Arc<Mutex<Vec<Hit>>>,
+    in_flight: Arc<Mutex<(usize, usize)>>,
+}
+
+#[derive(Clone)]
+struct RState {
+    hits: Arc<Mutex<Vec<Hit>>>,
+    script: Script,
+    in_flight: Arc<Mutex<(usize, usize)>>,
+}
+
+async fn handle(State(s): State<RState>, headers: HeaderMap, body: Bytes) -> Response {
+    let hit = Hit {
+        headers: headers
+            .iter()
+            .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
+            .collect(),
+        body,
+        at: Instant::now(),
+    };
+    let n = {
+        let mut hits = s.hits.lock().unwrap();
+        hits.push(hit.clone());
+        hits.len()
+    };
+    {
+        let mut f = s.in_flight.lock().unwrap();
+        f.0 += 1;
+        f.1 = f.1.max(f.0);
+    }
+    let reply = (s.script)(n, &hit);
+    if !reply.delay.is_zero() {
+        tokio::time::sleep(reply.delay).await;
+    }
+    s.in_flight.lock().unwrap().0 -= 1;
+    let mut resp = (StatusCode::from_u16(reply.status).unwrap(), reply.body).into_response();
+    for (k, v) in reply.headers {
+        resp.headers_mut().insert(k, v.parse().unwrap());
+    }
+    resp
+}
+
+impl Receiver {
+    /// A receiver answering 200 to everything.
+    pub async fn ok() -> Receiver {
+        Self::start(Arc::new(|_, _| Reply::status(200))).await
+    }
+
+    /// A receiver answering by `script`.
+    pub async fn start(script: Script) -> Receiver {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(Mutex::new(Vec::new()));
+        let in_flight = Arc::new(Mutex::new((0, 0)));
+        let state = RState {
+            hits: hits.clone(),
+            script,
+            in_flight: in_flight.clone(),
+        };
+        let app = axum::Router::new().fallback(handle).with_state(state);
+        tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Receiver {
+            url: format!("http://{addr}/webhook"),
+            addr,
+            hits,
+            in_flight,
+        }
+    }
+
+    pub fn hits(&self) -> Vec<Hit> {
+        self.hits.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.hits.lock().unwrap().len()
+    }
+
+    /// Most requests it had open at once.
+    pub fn max_concurrent(&self) -> usize {
+        self.in_flight.lock().unwrap().1
+    }
+
+    /// Waits until it has seen `n` requests (or panics after `limit`).
+    pub async fn wait_for(&self, n: usize, limit: Duration) -> Vec<Hit> {
+        let start = Instant::now();
+        loop {
+            let hits = self.hits();
+            if hits.len() >= n {
+                return hits;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "receiver saw {} of {n} requests within {limit:?}",
+                hits.len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// A worker configuration for tests: loopback http allowed, short retry
+/// schedule, fast polling, the test secret.
+pub fn config() -> WorkerConfig {
+    let mut c = WorkerConfig {
+        poll_interval: Duration::from_millis(100),
+        signing_secret: Some(Secrets::parse(SECRET).unwrap()),
+        shutdown_grace: Duration::from_secs(5),
+        ..WorkerConfig::default()
+    };
+    c.retry.schedule = vec![
+        Duration::from_millis(300),
+        Duration::from_millis(600),
+        Duration::from_millis(900),
+    ];
+    c.client.allow_http = true;
+    c.client.network = NetworkPolicy {
+        allow_private: true,
+        allow: vec![],
+    };
+    c.client.request_timeout = Duration::from_secs(5);
+    c.lease = Duration::from_secs(10);
+    c
+}
+
+/// A sample message event.
+pub fn event(content: &str) -> MessageEvent {
+    let at = chrono::DateTime::parse_from_rfc3339("2024-03-21T10:00:00Z")
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+    MessageEvent {
+        conversation_id: Uuid::now_v7(),
+        message: Message::text(Uuid::now_v7(), content, "user123", at),
+        ordering_key: None,
+    }
+}
+
+/// Enqueues `n` events to `url` in one transaction; returns their ids.
+pub async fn enqueue_many(pool: &PgPool, url: &str, n: usize) -> Vec<Uuid> {
+    let mut tx = pool.begin().await.unwrap();
+    let mut ids = Vec::with_capacity(n);
+    for i in 0..n {
+        ids.push(
+            postbox::enqueue(&mut tx, url, &event(&format!("message {i}")))
+                .await
+                .unwrap(),
+        );
+    }
+    tx.commit().await.unwrap();
+    ids
+}
+
+/// Runs a worker until nothing is due or in flight.
+pub async fn drain(pool: &PgPool, config: WorkerConfig) -> postbox::RunStats {
+    let worker = postbox::Worker::builder(pool.clone())
+        .config(WorkerConfig {
+            until_empty: true,
+            ..config
+        })
+        .build()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(60), worker.run(std::future::pending()))
+        .await
+        .expect("drain finished")
+}
+
+/// Runs a worker in the background until the returned sender is dropped or sent.
+pub fn spawn_worker(
+    pool: &PgPool,
+    config: WorkerConfig,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<postbox::RunStats>,
+) {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let worker = postbox::Worker::builder(pool.clone()).config(config).build().unwrap();
+    let handle = tokio::spawn(worker.run(async move {
+        let _ = rx.await;
+    }));
+    (tx, handle)
+}
+
+/// Polls `sql` (a single bigint) until it equals `want`.
+pub async fn wait_until(pool: &PgPool, sql: &str, want: i64, limit: Duration) {
+    let start = Instant::now();
+    loop {
+        let got: i64 = sqlx::query_scalar(sql).fetch_one(pool).await.unwrap();
+        if got == want {
+            return;
+        }
+        assert!(start.elapsed() < limit, "{sql} = {got}, wanted {want} within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The row's status and attempts.
+pub async fn row(pool: &PgPool, id: Uuid) -> (String, i32) {
+    sqlx::query_as("SELECT status, attempts FROM postbox.outbox WHERE id = $1")
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
