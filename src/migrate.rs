@@ -47,31 +47,29 @@ pub enum MigrateError {
 
 /// Applies every missing migration; returns the versions it applied.
 pub async fn migrate(pool: &PgPool) -> Result<Vec<i64>, MigrateError> {
-    let err = |version| move |source| MigrateError::Apply { version, source };
-    let mut tx = pool.begin().await.map_err(err(0))?;
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(LOCK_KEY)
-        .execute(&mut *tx)
+    let mut tx = pool
+        .begin()
         .await
-        .map_err(err(0))?;
-    let exists: bool = sqlx::query_scalar("SELECT to_regclass('postbox.schema_migrations') IS NOT NULL")
-        .fetch_one(&mut *tx)
+        .map_err(|source| MigrateError::Apply { version: 0, source })?;
+    let applied = applied_versions(&mut tx)
         .await
-        .map_err(err(0))?;
-    let applied: Vec<i64> = if exists {
-        sqlx::query_scalar("SELECT version FROM postbox.schema_migrations")
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(err(0))?
-    } else {
-        Vec::new()
-    };
+        .map_err(|source| MigrateError::Apply { version: 0, source })?;
     let mut done = Vec::new();
-    for m in MIGRATIONS.iter().filter(|m| !applied.contains(&m.version)) {
-        sqlx::raw_sql(m.sql).execute(&mut *tx).await.map_err(err(m.version))?;
+    for m in MIGRATIONS {
+        if applied.contains(&m.version) {
+            continue;
+        }
+        // A query without arguments runs as a simple query: several statements at once.
+        let result = sqlx::Executor::execute(&mut *tx, m.sql).await;
+        result.map_err(|source| MigrateError::Apply {
+            version: m.version,
+            source,
+        })?;
         done.push(m.version);
     }
-    tx.commit().await.map_err(err(0))?;
+    tx.commit()
+        .await
+        .map_err(|source| MigrateError::Apply { version: 0, source })?;
     if let Some(newer) = applied.iter().filter(|v| **v > latest_version()).max() {
         tracing::warn!(
             newer,
@@ -80,6 +78,23 @@ pub async fn migrate(pool: &PgPool) -> Result<Vec<i64>, MigrateError> {
         );
     }
     Ok(done)
+}
+
+/// Takes the migration lock for this transaction and reads what is applied.
+async fn applied_versions(tx: &mut sqlx::PgConnection) -> Result<Vec<i64>, sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(LOCK_KEY)
+        .execute(&mut *tx)
+        .await?;
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass('postbox.schema_migrations') IS NOT NULL")
+        .fetch_one(&mut *tx)
+        .await?;
+    if !exists {
+        return Ok(Vec::new());
+    }
+    sqlx::query_scalar("SELECT version FROM postbox.schema_migrations")
+        .fetch_all(&mut *tx)
+        .await
 }
 
 /// The newest migration this binary knows.

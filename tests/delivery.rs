@@ -10,7 +10,10 @@ use postbox::delivery::{NetworkPolicy, Secrets};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-async fn attempts_of(pool: &PgPool, id: Uuid) -> Vec<(i32, Option<i32>, Option<String>, Option<String>)> {
+/// (attempt, status_code, error_kind, error) rows of one event.
+type Log = Vec<(i32, Option<i32>, Option<String>, Option<String>)>;
+
+async fn attempts_of(pool: &PgPool, id: Uuid) -> Log {
     sqlx::query_as(
         "SELECT attempt, status_code, error_kind, error FROM postbox.attempts WHERE outbox_id = $1 ORDER BY attempt",
     )
@@ -208,7 +211,7 @@ async fn network_failures_are_classified_and_retried() {
     .await;
     stop.send(()).unwrap();
     handle.await.unwrap();
-    let kind = |log: Vec<(i32, Option<i32>, Option<String>, Option<String>)>| log[0].2.clone().unwrap();
+    let kind = |log: Log| log[0].2.clone().unwrap();
     assert_eq!(kind(attempts_of(&db.pool, t).await), "timeout");
     assert_eq!(kind(attempts_of(&db.pool, r).await), "redirect");
     assert_eq!(attempts_of(&db.pool, r).await[0].1, Some(302));

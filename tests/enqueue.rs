@@ -52,7 +52,8 @@ async fn outbox_count(pool: &PgPool) -> i64 {
 async fn sql_function_names_the_invalid_field() {
     let db = TestDb::new().await;
     let url = "https://example.com/hook";
-    let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>)> = vec![
+    type Mutation = Box<dyn Fn(&mut serde_json::Value)>;
+    let cases: Vec<(&str, Mutation)> = vec![
         (
             "data.id",
             Box::new(|d| d.as_object_mut().unwrap().remove("id").map(|_| ()).unwrap()),
