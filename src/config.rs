@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use crate::delivery::{ClientConfig, RetryPolicy, Secrets};
+use crate::store::BreakerPolicy;
 
 /// Everything a worker needs to know.
 #[derive(Debug, Clone)]
@@ -25,6 +26,8 @@ pub struct WorkerConfig {
     pub shutdown_grace: Duration,
     /// Delays between attempts.
     pub retry: RetryPolicy,
+    /// When an endpoint's circuit breaker opens, and for how long.
+    pub breaker: BreakerPolicy,
     /// Default signing secrets, for endpoints without their own.
     pub signing_secret: Option<Secrets>,
     /// HTTP client settings.
@@ -43,6 +46,7 @@ impl Default for WorkerConfig {
             lease: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
             retry: RetryPolicy::default(),
+            breaker: BreakerPolicy::default(),
             signing_secret: None,
             client: ClientConfig::default(),
             until_empty: false,
@@ -100,6 +104,15 @@ impl WorkerConfig {
         }
         if self.retry.schedule.is_empty() {
             return Err(ConfigError::new("POSTBOX_RETRY_SCHEDULE", "needs at least one delay"));
+        }
+        if self.breaker.threshold == 0 {
+            return Err(ConfigError::new("POSTBOX_BREAKER_THRESHOLD", "must be at least 1"));
+        }
+        if self.breaker.cooldown.is_zero() || self.breaker.max_cooldown < self.breaker.cooldown {
+            return Err(ConfigError::new(
+                "POSTBOX_BREAKER_COOLDOWN",
+                "must be greater than zero and at most POSTBOX_BREAKER_MAX_COOLDOWN",
+            ));
         }
         if !(0.0..=0.2).contains(&self.retry.jitter) {
             return Err(ConfigError::new("POSTBOX_RETRY_JITTER", "must be between 0% and 20%"));

@@ -22,11 +22,18 @@ pub struct Migration {
 }
 
 /// The migrations this binary knows, in order.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    description: "core",
-    sql: include_str!("../migrations/0001_core.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "core",
+        sql: include_str!("../migrations/0001_core.sql"),
+    },
+    Migration {
+        version: 2,
+        description: "flow control",
+        sql: include_str!("../migrations/0002_flow_control.sql"),
+    },
+];
 
 /// Advisory lock key taken while migrating ("postbox" in ASCII).
 const LOCK_KEY: i64 = 0x0070_6f73_7462_6f78;

@@ -31,63 +31,29 @@ pub struct Claimed {
     pub claimed_at: DateTime<Utc>,
 }
 
-/// Claims up to `limit` due events in one statement.
+/// Claims up to `limit` due events, honouring every endpoint's limits.
 ///
-/// Why this is correct with any number of workers: the `due` CTE locks the
-/// rows it picks with `FOR UPDATE SKIP LOCKED`, so concurrent claimers pick
-/// disjoint rows without waiting on each other; the outer `UPDATE` then, in
-/// the same statement and transaction, counts the attempt, records the lease
-/// owner and moves `next_attempt_at` to the end of the lease. Once committed
-/// the rows are no longer due, so no other worker can claim them until the
-/// lease expires, at which point they are due again with no sweeper needed.
+/// The work is done by the SQL function `postbox.claim` (migration 0002),
+/// which locks the endpoints with due events (`FOR UPDATE SKIP LOCKED`, so
+/// concurrent workers never wait on each other and never account for the
+/// same endpoint at once), then, in a second statement whose snapshot sees
+/// every claim committed before those locks, gives each endpoint a budget
+/// (in-flight limit, rate window, breaker probe, fair share) and claims that
+/// many due rows with `FOR UPDATE SKIP LOCKED`: counting the attempt and
+/// moving `next_attempt_at` to the end of the lease. Once committed the rows
+/// are not due, so no other worker can claim them until the lease expires,
+/// at which point they are due again with no sweeper needed.
 ///
-/// Rows whose previous holder never recorded an outcome (its lease expired)
-/// get that lost attempt written to `postbox.attempts`; if it was their last
-/// attempt they become `failed` here instead of being delivered again.
+/// Rows whose previous holder never recorded an outcome get that lost
+/// attempt written to `postbox.attempts`; if it was their last attempt they
+/// become `failed` instead of being delivered again.
 pub async fn claim(pool: &PgPool, worker_id: &str, limit: i64, lease: Duration) -> Result<Vec<Claimed>, sqlx::Error> {
     sqlx::query_as::<_, Claimed>(
-        r#"
-WITH due AS (
-    SELECT o.id, o.endpoint_id, o.attempts AS prev_attempt, o.locked_by AS prev_owner,
-           o.last_attempt_at AS prev_started, o.attempts >= o.max_attempts AS exhausted
-    FROM postbox.outbox o
-    WHERE o.status = 'pending'
-      AND o.next_attempt_at <= now()
-      AND NOT EXISTS (SELECT 1 FROM postbox.endpoints e
-                      WHERE e.id = o.endpoint_id AND e.disabled_at IS NOT NULL)
-    ORDER BY o.next_attempt_at
-    LIMIT $2
-    FOR UPDATE OF o SKIP LOCKED
-), lost AS (
-    INSERT INTO postbox.attempts (outbox_id, attempt, worker_id, started_at, duration_ms, error_kind, error)
-    SELECT id, prev_attempt, prev_owner, coalesce(prev_started, now()),
-           (extract(epoch FROM now() - coalesce(prev_started, now())) * 1000)::int,
-           'other', 'lease expired: the worker stopped before recording an outcome'
-    FROM due WHERE prev_owner IS NOT NULL AND prev_attempt > 0
-    ON CONFLICT (outbox_id, attempt) DO NOTHING
-), claimed AS (
-    UPDATE postbox.outbox o
-    SET attempts        = CASE WHEN due.exhausted THEN o.attempts ELSE o.attempts + 1 END,
-        status          = CASE WHEN due.exhausted THEN 'failed' ELSE o.status END,
-        last_error      = CASE WHEN due.exhausted
-                               THEN 'other: lease expired on the final attempt' ELSE o.last_error END,
-        locked_by       = CASE WHEN due.exhausted THEN NULL ELSE $1 END,
-        locked_until    = CASE WHEN due.exhausted THEN NULL ELSE now() + $3 * interval '1 millisecond' END,
-        next_attempt_at = CASE WHEN due.exhausted THEN o.next_attempt_at
-                               ELSE now() + $3 * interval '1 millisecond' END,
-        last_attempt_at = CASE WHEN due.exhausted THEN o.last_attempt_at ELSE now() END
-    FROM due
-    WHERE o.id = due.id
-    RETURNING o.id, o.attempts, o.max_attempts, o.payload, o.endpoint_id, due.exhausted
-)
-SELECT c.id, c.attempts AS attempt, c.max_attempts, c.payload, c.endpoint_id, e.url, e.secret,
-       now() AS claimed_at
-FROM claimed c JOIN postbox.endpoints e ON e.id = c.endpoint_id
-WHERE NOT c.exhausted
-"#,
+        "SELECT id, attempt, max_attempts, payload, endpoint_id, url, secret, claimed_at
+         FROM postbox.claim($1, $2, $3)",
     )
     .bind(worker_id)
-    .bind(limit)
+    .bind(i32::try_from(limit).unwrap_or(i32::MAX))
     .bind(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX))
     .fetch_all(pool)
     .await
@@ -127,27 +93,64 @@ pub struct Outcome {
     pub error: Option<String>,
     /// The first 4 KiB of the response body.
     pub response_body: Option<String>,
+    /// Back-pressure: pause the whole endpoint this long (a 429/503 `Retry-After`).
+    pub pause: Option<Duration>,
+}
+
+/// Circuit-breaker settings, applied when outcomes are recorded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BreakerPolicy {
+    /// The breaker opens when this many distinct events of an endpoint have
+    /// failed in a row (no success in between). One event's own retries
+    /// therefore never open it.
+    pub threshold: u32,
+    /// How long it stays open before the first probe.
+    pub cooldown: Duration,
+    /// Each failed probe doubles the cool-down, up to this.
+    pub max_cooldown: Duration,
+}
+
+impl Default for BreakerPolicy {
+    fn default() -> Self {
+        BreakerPolicy {
+            threshold: 5,
+            cooldown: Duration::from_secs(30),
+            max_cooldown: Duration::from_secs(600),
+        }
+    }
 }
 
 /// Writes a batch of outcomes in one statement: the outbox rows, the
-/// `attempts` log rows and any endpoint disabled by a 410.
+/// `attempts` log rows, and the endpoint state they change (410 disables,
+/// `Retry-After` pauses, the circuit breaker).
 ///
 /// The fence: a row is updated only while it is still `pending`, leased by
 /// this worker, and at the attempt number this worker claimed. If the lease
 /// expired and another claim (by any worker, this one included) has since
 /// counted a new attempt, the stale outcome is dropped, so a slow worker can
 /// never overwrite a newer attempt. Returns the ids that were recorded.
-pub async fn record(pool: &PgPool, worker_id: &str, outcomes: &[Outcome]) -> Result<Vec<Uuid>, sqlx::Error> {
-    let mut ids = Vec::with_capacity(outcomes.len());
-    let mut attempts = Vec::with_capacity(outcomes.len());
-    let mut kinds = Vec::with_capacity(outcomes.len());
-    let mut delays = Vec::with_capacity(outcomes.len());
-    let mut codes = Vec::with_capacity(outcomes.len());
-    let mut error_kinds = Vec::with_capacity(outcomes.len());
-    let mut errors = Vec::with_capacity(outcomes.len());
-    let mut started = Vec::with_capacity(outcomes.len());
-    let mut durations = Vec::with_capacity(outcomes.len());
-    let mut bodies = Vec::with_capacity(outcomes.len());
+///
+/// Endpoint rows are only written when something changes for them (a
+/// failure, a 410, a pause, or the first success after failures), so healthy
+/// endpoints cost nothing here.
+pub async fn record(
+    pool: &PgPool,
+    worker_id: &str,
+    outcomes: &[Outcome],
+    breaker: &BreakerPolicy,
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    let n = outcomes.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut attempts = Vec::with_capacity(n);
+    let mut kinds = Vec::with_capacity(n);
+    let mut delays = Vec::with_capacity(n);
+    let mut codes = Vec::with_capacity(n);
+    let mut error_kinds = Vec::with_capacity(n);
+    let mut errors = Vec::with_capacity(n);
+    let mut started = Vec::with_capacity(n);
+    let mut durations = Vec::with_capacity(n);
+    let mut bodies = Vec::with_capacity(n);
+    let mut pauses = Vec::with_capacity(n);
     for o in outcomes {
         ids.push(o.id);
         attempts.push(o.attempt);
@@ -165,13 +168,15 @@ pub async fn record(pool: &PgPool, worker_id: &str, outcomes: &[Outcome]) -> Res
         started.push(o.started_at);
         durations.push(i32::try_from(o.duration.as_millis()).unwrap_or(i32::MAX));
         bodies.push(o.response_body.as_deref());
+        pauses.push(o.pause.map_or(0.0, |d| d.as_secs_f64()));
     }
     sqlx::query_scalar(
         r#"
 WITH r AS (
     SELECT * FROM unnest($2::uuid[], $3::int4[], $4::text[], $5::float8[], $6::int4[], $7::text[],
-                         $8::text[], $9::timestamptz[], $10::int4[], $11::text[])
-        AS r(id, attempt, kind, delay_s, status_code, error_kind, error, started_at, duration_ms, response_body)
+                         $8::text[], $9::timestamptz[], $10::int4[], $11::text[], $12::float8[])
+        AS r(id, attempt, kind, delay_s, status_code, error_kind, error, started_at, duration_ms,
+             response_body, pause_s)
 ), done AS (
     UPDATE postbox.outbox o
     SET status           = CASE r.kind WHEN 'delivered' THEN 'delivered' WHEN 'failed' THEN 'failed'
@@ -189,15 +194,53 @@ WITH r AS (
                                 ELSE r.error_kind || ': ' || coalesce(r.error, '') END
     FROM r
     WHERE o.id = r.id AND o.attempts = r.attempt AND o.locked_by = $1 AND o.status = 'pending'
-    RETURNING o.id, o.endpoint_id, r.kind
-), gone AS (
+    RETURNING o.id, o.endpoint_id, r.kind, r.error_kind, r.pause_s
+), ep AS (
+    SELECT d.endpoint_id,
+           bool_or(d.kind = 'delivered') AS ok,
+           bool_or(d.kind = 'gone') AS gone,
+           count(*) FILTER (WHERE d.kind IN ('retry', 'failed') AND d.error_kind <> 'blocked')::int AS failures,
+           coalesce(array_agg(DISTINCT d.id) FILTER (WHERE d.kind IN ('retry', 'failed')
+                                                     AND d.error_kind <> 'blocked'), '{}') AS failed_ids,
+           max(d.pause_s) AS pause_s
+    FROM done d GROUP BY d.endpoint_id
+), endpoint AS (
     UPDATE postbox.endpoints e
-    SET disabled_at = now(), disabled_reason = '410 Gone'
-    WHERE e.id IN (SELECT endpoint_id FROM done WHERE kind = 'gone') AND e.disabled_at IS NULL
-    RETURNING e.id
+    SET disabled_at        = CASE WHEN ep.gone THEN coalesce(e.disabled_at, now()) ELSE e.disabled_at END,
+        disabled_reason    = CASE WHEN ep.gone AND e.disabled_at IS NULL THEN '410 Gone'
+                                  ELSE e.disabled_reason END,
+        paused_until       = CASE WHEN ep.pause_s > 0
+                                  THEN greatest(e.paused_until, now() + ep.pause_s * interval '1 second')
+                                  ELSE e.paused_until END,
+        failure_streak     = CASE WHEN ep.ok THEN 0 ELSE e.failure_streak + ep.failures END,
+        failing_events     = CASE WHEN ep.ok THEN '{}'
+                                  ELSE coalesce((SELECT (array_agg(DISTINCT x))[1:$13]
+                                                 FROM unnest(e.failing_events || ep.failed_ids) x), '{}')
+                             END,
+        breaker_open_until = CASE
+            WHEN ep.ok THEN NULL
+            WHEN ep.failures = 0 THEN e.breaker_open_until
+            -- A failure while open (a failed probe): open again, for longer.
+            WHEN e.breaker_open_until IS NOT NULL
+                THEN now() + least(coalesce(e.breaker_cooldown, $14 * interval '1 second') * 2, $15 * interval '1 second')
+            WHEN (SELECT count(DISTINCT x) FROM unnest(e.failing_events || ep.failed_ids) x) >= $13
+                THEN now() + $14 * interval '1 second'
+            ELSE NULL END,
+        breaker_cooldown   = CASE
+            WHEN ep.ok THEN NULL
+            WHEN ep.failures = 0 THEN e.breaker_cooldown
+            WHEN e.breaker_open_until IS NOT NULL
+                THEN least(coalesce(e.breaker_cooldown, $14 * interval '1 second') * 2, $15 * interval '1 second')
+            WHEN (SELECT count(DISTINCT x) FROM unnest(e.failing_events || ep.failed_ids) x) >= $13
+                THEN $14 * interval '1 second'
+            ELSE e.breaker_cooldown END
+    FROM ep
+    WHERE e.id = ep.endpoint_id
+      AND (NOT ep.ok OR ep.gone OR ep.pause_s > 0 OR e.failure_streak > 0 OR e.breaker_open_until IS NOT NULL)
+    RETURNING e.id, ep.gone
 ), parked AS (
     UPDATE postbox.outbox o SET next_attempt_at = 'infinity'
-    WHERE o.endpoint_id IN (SELECT id FROM gone) AND o.status = 'pending' AND o.locked_by IS NULL
+    WHERE o.endpoint_id IN (SELECT id FROM endpoint WHERE gone) AND o.status = 'pending' AND o.locked_by IS NULL
       AND o.id NOT IN (SELECT id FROM done)
 ), logged AS (
     INSERT INTO postbox.attempts (outbox_id, attempt, worker_id, started_at, duration_ms, status_code,
@@ -221,6 +264,10 @@ SELECT id FROM done
     .bind(started)
     .bind(durations)
     .bind(bodies)
+    .bind(pauses)
+    .bind(i32::try_from(breaker.threshold.max(1)).unwrap_or(i32::MAX))
+    .bind(breaker.cooldown.as_secs_f64())
+    .bind(breaker.max_cooldown.as_secs_f64())
     .fetch_all(pool)
     .await
 }

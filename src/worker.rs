@@ -236,9 +236,10 @@ impl Worker {
                 info!("nothing due or in flight; exiting (--until-empty)");
                 break;
             }
+            // A finished delivery frees a slot of its endpoint: try again.
             tokio::select! {
                 _ = wake.notified() => {}
-                _ = shared.progress.notified(), if self.config.until_empty => {}
+                _ = shared.progress.notified() => {}
                 _ = tokio::time::sleep(self.config.poll_interval) => {}
                 _ = stop.changed() => {}
             }
@@ -383,6 +384,11 @@ async fn deliver(shared: Arc<Shared>, row: Claimed, claimed: Instant, permit: Ow
         error_kind: resp.error.map(|k| k.as_str()),
         error: resp.message,
         response_body: resp.body,
+        // Back-pressure: a receiver asking for time gets it for all its events.
+        pause: match (resp.status, resp.retry_after) {
+            (Some(429 | 503), Some(d)) if !d.is_zero() => Some(d.min(config.retry.max_retry_after)),
+            _ => None,
+        },
     };
     // From here on nothing awaits, so a shutdown abort cannot split sending
     // the outcome from forgetting the lease.
@@ -397,6 +403,7 @@ async fn deliver(shared: Arc<Shared>, row: Claimed, claimed: Instant, permit: Ow
 /// were dropped by the lease fence.
 async fn record_loop(pool: PgPool, shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Record>) -> u64 {
     let worker_id = shared.config.worker_id.clone();
+    let breaker = shared.config.breaker.clone();
     // Only a weak reference: the channel closes when the last delivery and
     // the claim loop drop theirs.
     let weak = Arc::downgrade(&shared);
@@ -414,7 +421,7 @@ async fn record_loop(pool: PgPool, shared: Arc<Shared>, mut rx: mpsc::UnboundedR
             }
         }
         if !outcomes.is_empty() {
-            let write = || store::record(&pool, &worker_id, &outcomes);
+            let write = || store::record(&pool, &worker_id, &outcomes, &breaker);
             match write.retry(db_backoff()).when(is_transient).notify(log_retry).await {
                 Ok(ids) => {
                     let fenced = outcomes.len() - ids.len();

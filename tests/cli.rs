@@ -2,61 +2,12 @@
 
 mod common;
 
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
 use uuid::Uuid;
-
-/// A `postbox` command with a clean environment, run in an empty directory.
-fn postbox(db_url: Option<&str>) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_postbox"));
-    c.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("RUST_LOG", "info");
-    c.current_dir(std::env::temp_dir());
-    if let Some(url) = db_url {
-        c.env("DATABASE_URL", url);
-    }
-    c
-}
-
-/// Worker settings for loopback receivers and short schedules.
-fn worker_cmd(db_url: &str) -> Command {
-    let mut c = postbox(Some(db_url));
-    c.arg("worker")
-        .env("POSTBOX_SIGNING_SECRET", SECRET)
-        .env("POSTBOX_ALLOW_HTTP", "true")
-        .env("POSTBOX_ALLOW_PRIVATE_NETWORKS", "true")
-        .env("POSTBOX_POLL_INTERVAL", "100ms")
-        .env("POSTBOX_RETRY_SCHEDULE", "300ms,600ms,900ms");
-    c
-}
-
-fn run(mut c: Command) -> Output {
-    c.stdin(Stdio::null()).output().expect("run postbox")
-}
-
-fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill")
-        .args(["-s", sig, &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill -s {sig}");
-}
-
-async fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(start.elapsed() < limit, "process did not exit within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// Every bad configuration value stops the worker at start with exit 2 and a message naming the variable.
 #[tokio::test]
@@ -180,6 +131,7 @@ async fn two_workers_deliver_each_event_exactly_once() {
     for _ in 0..4 {
         ids.extend(enqueue_many(&db.pool, &receiver.url, 500).await);
     }
+    unlimited(&db.pool).await;
     let spawn = |n: &str| {
         let mut c = worker_cmd(&db.url);
         c.arg("--until-empty")

@@ -424,13 +424,22 @@ async fn stale_outcomes_are_fenced() {
         error_kind: None,
         error: None,
         response_body: None,
+        pause: None,
     };
     assert!(
-        record(&db.pool, "worker-a", &[outcome(1)]).await.unwrap().is_empty(),
+        record(&db.pool, "worker-a", &[outcome(1)], &Default::default())
+            .await
+            .unwrap()
+            .is_empty(),
         "A no longer holds the lease"
     );
     assert_eq!(row(&db.pool, id).await, ("pending".into(), 2));
-    assert_eq!(record(&db.pool, "worker-b", &[outcome(2)]).await.unwrap(), vec![id]);
+    assert_eq!(
+        record(&db.pool, "worker-b", &[outcome(2)], &Default::default())
+            .await
+            .unwrap(),
+        vec![id]
+    );
     assert_eq!(row(&db.pool, id).await, ("delivered".into(), 2));
     // The lost attempt 1 is in the log, marked as such.
     let log = attempts_of(&db.pool, id).await;
@@ -468,6 +477,7 @@ async fn survives_terminated_connections() {
     let db = TestDb::new().await;
     let receiver = Receiver::start(Arc::new(|_, _| Reply::status(200).delay(Duration::from_millis(20)))).await;
     let ids = enqueue_many(&db.pool, &receiver.url, 300).await;
+    unlimited(&db.pool).await;
     let mut cfg = config();
     cfg.concurrency = 8;
     cfg.batch_size = 8;

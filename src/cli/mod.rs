@@ -31,7 +31,7 @@ enum Command {
     /// Apply the database migrations (idempotent).
     Migrate(DbArgs),
     /// Deliver webhooks until SIGTERM/SIGINT.
-    Worker(worker::WorkerArgs),
+    Worker(Box<worker::WorkerArgs>),
     /// Enqueue one test message event.
     Enqueue(admin::EnqueueArgs),
     /// Backlog by status, oldest pending age, failing endpoints.
@@ -179,7 +179,7 @@ async fn run(command: Command) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Command::Worker(args) => worker::run(args).await,
+        Command::Worker(args) => worker::run(*args).await,
         Command::Enqueue(args) => admin::enqueue(args).await,
         Command::Status(args) => admin::status(args).await,
         Command::Replay(args) => admin::replay(args).await,

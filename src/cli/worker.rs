@@ -60,6 +60,15 @@ pub struct WorkerArgs {
     /// This worker's id [default: host-pid-random].
     #[arg(long, env = "POSTBOX_WORKER_ID")]
     pub worker_id: Option<String>,
+    /// Distinct events failing in a row that open an endpoint's breaker [default: 5].
+    #[arg(long, env = "POSTBOX_BREAKER_THRESHOLD")]
+    pub breaker_threshold: Option<String>,
+    /// How long an open breaker waits before its first probe [default: 30s].
+    #[arg(long, env = "POSTBOX_BREAKER_COOLDOWN")]
+    pub breaker_cooldown: Option<String>,
+    /// Longest wait between probes (each failed probe doubles it) [default: 10m].
+    #[arg(long, env = "POSTBOX_BREAKER_MAX_COOLDOWN")]
+    pub breaker_max_cooldown: Option<String>,
     /// Time given to in-flight deliveries on shutdown [default: 30s].
     #[arg(long, env = "POSTBOX_SHUTDOWN_GRACE")]
     pub shutdown_grace: Option<String>,

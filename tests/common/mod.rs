@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -387,4 +388,115 @@ pub async fn row(pool: &PgPool, id: Uuid) -> (String, i32) {
         .fetch_one(pool)
         .await
         .unwrap()
+}
+
+/// Lifts every endpoint's limits (for tests that push volume through one endpoint).
+pub async fn unlimited(pool: &PgPool) {
+    sqlx::query("UPDATE postbox.endpoints SET max_in_flight = 10000, rate_per_minute = NULL")
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+/// A `postbox` command with a clean environment, run in an empty directory.
+pub fn postbox(db_url: Option<&str>) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_postbox"));
+    c.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RUST_LOG", "info");
+    c.current_dir(std::env::temp_dir());
+    if let Some(url) = db_url {
+        c.env("DATABASE_URL", url);
+    }
+    c
+}
+
+/// Worker settings for loopback receivers and short schedules.
+pub fn worker_cmd(db_url: &str) -> Command {
+    let mut c = postbox(Some(db_url));
+    c.arg("worker")
+        .env("POSTBOX_SIGNING_SECRET", SECRET)
+        .env("POSTBOX_ALLOW_HTTP", "true")
+        .env("POSTBOX_ALLOW_PRIVATE_NETWORKS", "true")
+        .env("POSTBOX_POLL_INTERVAL", "100ms")
+        .env("POSTBOX_RETRY_SCHEDULE", "300ms,600ms,900ms");
+    c
+}
+
+pub fn run(mut c: Command) -> Output {
+    c.stdin(Stdio::null()).output().expect("run postbox")
+}
+
+pub fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args(["-s", sig, &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -s {sig}");
+}
+
+pub async fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(start.elapsed() < limit, "process did not exit within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Starts a worker process (output discarded) with extra environment.
+pub fn spawn_worker_process(db_url: &str, env: &[(&str, &str)]) -> Child {
+    let mut c = worker_cmd(db_url);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn postbox worker")
+}
+
+/// Stops worker processes with SIGTERM and checks they exit 0.
+pub async fn stop_all(children: &mut [Child]) {
+    for c in children.iter() {
+        signal(c, "TERM");
+    }
+    for c in children.iter_mut() {
+        assert!(
+            wait_exit(c, Duration::from_secs(30)).await.success(),
+            "worker exits 0 on SIGTERM"
+        );
+    }
+}
+
+/// Enqueues `n` events to `url` with one SQL statement (fast, for volume).
+pub async fn enqueue_bulk(pool: &PgPool, url: &str, n: i32, ordering_key: Option<&str>) -> Vec<Uuid> {
+    sqlx::query_scalar(
+        "SELECT postbox.enqueue($1, gen_random_uuid(), jsonb_build_object(
+             'id', gen_random_uuid(), 'content', 'message ' || i, 'content_type', 'TEXT', 'type', 'USER_INPUT',
+             'channel', 'API', 'status', 'RECEIVED', 'created_by', 'u', 'updated_by', 'u',
+             'created_at', '2024-03-21T10:00:00Z', 'updated_at', '2024-03-21T10:00:00Z'), $3)
+         FROM generate_series(1, $2) AS i ORDER BY i",
+    )
+    .bind(url)
+    .bind(n)
+    .bind(ordering_key)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// Sets one endpoint's limits.
+pub async fn set_limits(pool: &PgPool, url: &str, max_in_flight: i32, rate_per_minute: Option<i32>) {
+    sqlx::query("UPDATE postbox.endpoints SET max_in_flight = $2, rate_per_minute = $3 WHERE url = $1")
+        .bind(url)
+        .bind(max_in_flight)
+        .bind(rate_per_minute)
+        .execute(pool)
+        .await
+        .unwrap();
 }
