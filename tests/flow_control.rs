@@ -136,6 +136,13 @@ async fn breaker_opens_probes_and_closes() {
     )
     .await;
     let at_open = receiver.count();
+    let out = run({
+        let mut c = postbox(Some(&db.url));
+        c.args(["status", "--json"]);
+        c
+    });
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["failing_endpoints"][0]["state"], "open", "{status}");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(receiver.count(), at_open, "no deliveries while open");
     let failed: i64 = sqlx::query_scalar("SELECT count(*) FROM postbox.outbox WHERE status = 'failed'")

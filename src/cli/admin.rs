@@ -133,6 +133,11 @@ pub async fn status(a: StatusArgs) -> Result<(), Failure> {
     .await?;
     let endpoints = sqlx::query(
         "SELECT e.id, e.url, e.disabled_at IS NOT NULL AS disabled,
+                CASE WHEN e.disabled_at IS NOT NULL THEN 'disabled'
+                     WHEN e.breaker_open_until > now() THEN 'open'
+                     WHEN e.breaker_open_until IS NOT NULL THEN 'probing'
+                     WHEN e.paused_until > now() THEN 'paused'
+                     ELSE 'closed' END AS state,
                 count(a.*) FILTER (WHERE a.error_kind IS NOT NULL) AS failed_attempts,
                 count(a.*) AS attempts,
                 (SELECT o.last_error FROM postbox.outbox o WHERE o.endpoint_id = e.id AND o.last_error IS NOT NULL
@@ -141,7 +146,8 @@ pub async fn status(a: StatusArgs) -> Result<(), Failure> {
          LEFT JOIN postbox.outbox o ON o.endpoint_id = e.id
          LEFT JOIN postbox.attempts a ON a.outbox_id = o.id AND a.started_at > now() - interval '1 hour'
          GROUP BY e.id
-         HAVING e.disabled_at IS NOT NULL OR count(a.*) FILTER (WHERE a.error_kind IS NOT NULL) > 0
+         HAVING e.disabled_at IS NOT NULL OR e.breaker_open_until IS NOT NULL
+             OR count(a.*) FILTER (WHERE a.error_kind IS NOT NULL) > 0
          ORDER BY failed_attempts DESC, e.id",
     )
     .fetch_all(&pool)
@@ -159,6 +165,7 @@ pub async fn status(a: StatusArgs) -> Result<(), Failure> {
                     "id": r.get::<i64, _>("id"),
                     "url": r.get::<String, _>("url"),
                     "disabled": r.get::<bool, _>("disabled"),
+                    "state": r.get::<String, _>("state"),
                     "failed_attempts_last_hour": r.get::<i64, _>("failed_attempts"),
                     "attempts_last_hour": r.get::<i64, _>("attempts"),
                     "last_error": r.get::<Option<String>, _>("last_error"),
@@ -186,7 +193,10 @@ pub async fn status(a: StatusArgs) -> Result<(), Failure> {
         println!("\nno failing endpoints in the last hour");
     } else {
         println!("\nfailing endpoints (last hour):");
-        println!("{:>5}  {:<8} {:>9}  {:<40}  last error", "id", "state", "failed", "url");
+        println!(
+            "{:>5}  {:<8} {:>9}  {:<40}  last error",
+            "id", "breaker", "failed", "url"
+        );
         for r in &endpoints {
             let state = if r.get::<bool, _>("disabled") {
                 "disabled"
@@ -381,6 +391,9 @@ pub async fn endpoint(a: EndpointArgs) -> Result<(), Failure> {
         EndpointAction::List => {
             let rows = sqlx::query(
                 "SELECT e.id, e.url, e.max_in_flight, e.rate_per_minute, e.secret IS NOT NULL AS own_secret,
+                        CASE WHEN e.breaker_open_until > now() THEN 'open'
+                             WHEN e.breaker_open_until IS NOT NULL THEN 'probing'
+                             WHEN e.paused_until > now() THEN 'paused' ELSE 'closed' END AS breaker,
                         e.disabled_at, e.disabled_reason,
                         (SELECT count(*) FROM postbox.outbox o WHERE o.endpoint_id = e.id AND o.status = 'pending') AS pending
                  FROM postbox.endpoints e ORDER BY e.id",
@@ -403,9 +416,10 @@ pub async fn endpoint(a: EndpointArgs) -> Result<(), Failure> {
                     "default"
                 };
                 print!(
-                    "{:>5}  {:<9} {:>8} {:>9} {:>8}  {:<7}  {}",
+                    "{:>5}  {:<9} {:<8} {:>8} {:>9} {:>8}  {:<7}  {}",
                     r.get::<i64, _>("id"),
                     state,
+                    r.get::<String, _>("breaker"),
                     r.get::<i64, _>("pending"),
                     r.get::<i32, _>("max_in_flight"),
                     rate,
@@ -440,10 +454,16 @@ pub async fn endpoint(a: EndpointArgs) -> Result<(), Failure> {
         EndpointAction::Enable { endpoint } => {
             let id = find_endpoint(&pool, &endpoint).await?;
             let mut tx = pool.begin().await?;
-            sqlx::query("UPDATE postbox.endpoints SET disabled_at = NULL, disabled_reason = NULL WHERE id = $1")
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
+            // Enabling means "deliver now": also close the breaker and end any pause.
+            sqlx::query(
+                "UPDATE postbox.endpoints
+                 SET disabled_at = NULL, disabled_reason = NULL, paused_until = NULL, breaker_open_until = NULL,
+                     breaker_cooldown = NULL, failure_streak = 0, failing_events = '{}'
+                 WHERE id = $1",
+            )
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
             let resumed = sqlx::query(
                 "UPDATE postbox.outbox SET next_attempt_at = now()
                  WHERE endpoint_id = $1 AND status = 'pending' AND next_attempt_at = 'infinity'",
