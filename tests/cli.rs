@@ -30,6 +30,9 @@ async fn bad_configuration_exits_2_naming_the_variable() {
         ("POSTBOX_CA_CERT", "/nonexistent/ca.pem"),
         ("POSTBOX_METRICS_ADDR", "nowhere"),
         ("POSTBOX_LOG_FORMAT", "xml"),
+        ("POSTBOX_BREAKER_THRESHOLD", "0"),
+        ("POSTBOX_BREAKER_COOLDOWN", "forever"),
+        ("POSTBOX_BREAKER_MAX_COOLDOWN", "1s"),
     ];
     for (var, value) in cases {
         let mut c = postbox(Some(&db.url));

@@ -154,6 +154,27 @@ impl WorkerArgs {
             parse_duration,
             &mut c.shutdown_grace,
         )?;
+        let mut threshold = c.breaker.threshold as usize;
+        set(
+            &self.breaker_threshold,
+            "POSTBOX_BREAKER_THRESHOLD",
+            parse_count,
+            &mut threshold,
+        )?;
+        c.breaker.threshold =
+            u32::try_from(threshold).map_err(|_| ConfigError::new("POSTBOX_BREAKER_THRESHOLD", "is too large"))?;
+        set(
+            &self.breaker_cooldown,
+            "POSTBOX_BREAKER_COOLDOWN",
+            parse_duration,
+            &mut c.breaker.cooldown,
+        )?;
+        set(
+            &self.breaker_max_cooldown,
+            "POSTBOX_BREAKER_MAX_COOLDOWN",
+            parse_duration,
+            &mut c.breaker.max_cooldown,
+        )?;
         let mut network = NetworkPolicy::default();
         set(
             &self.allow_private_networks,

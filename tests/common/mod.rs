@@ -453,9 +453,14 @@ pub fn spawn_worker_process(db_url: &str, env: &[(&str, &str)]) -> Child {
     for (k, v) in env {
         c.env(k, v);
     }
+    // POSTBOX_TEST_LOGS=dir keeps each worker's log for debugging.
+    let stderr = match std::env::var("POSTBOX_TEST_LOGS") {
+        Ok(dir) => Stdio::from(std::fs::File::create(format!("{dir}/worker-{}.log", Uuid::new_v4().simple())).unwrap()),
+        Err(_) => Stdio::null(),
+    };
     c.stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .expect("spawn postbox worker")
 }
