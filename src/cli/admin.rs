@@ -401,8 +401,8 @@ pub async fn endpoint(a: EndpointArgs) -> Result<(), Failure> {
             .fetch_all(&pool)
             .await?;
             println!(
-                "{:>5}  {:<9} {:>8} {:>9} {:>8}  {:<7}  url",
-                "id", "state", "pending", "in-flight", "rate/min", "secret"
+                "{:>5}  {:<9} {:<8} {:>8} {:>9} {:>8}  {:<7}  url",
+                "id", "state", "breaker", "pending", "in-flight", "rate/min", "secret"
             );
             for r in rows {
                 let disabled: Option<DateTime<Utc>> = r.get("disabled_at");
