@@ -1,11 +1,10 @@
--- Backlog by status, with the age of the oldest event in each.
+-- Backlog by status: events, oldest age, in flight, due now, parked.
 -- psql "$DATABASE_URL" -f sql/backlog.sql
-SELECT status,
-       count(*)                                  AS events,
-       date_trunc('second', now() - min(created_at)) AS oldest_age,
-       count(*) FILTER (WHERE locked_by IS NOT NULL) AS in_flight,
-       count(*) FILTER (WHERE status = 'pending' AND next_attempt_at <= now() AND locked_by IS NULL) AS due_now,
-       count(*) FILTER (WHERE next_attempt_at = 'infinity') AS parked_disabled_endpoint
+SELECT * FROM postbox.backlog;
+
+-- The oldest pending events and why they wait:
+SELECT id, endpoint_id, attempts, max_attempts, next_attempt_at, locked_by, last_status_code, last_error
 FROM postbox.outbox
-GROUP BY status
-ORDER BY array_position(ARRAY['pending', 'delivered', 'failed', 'cancelled'], status);
+WHERE status = 'pending'
+ORDER BY created_at
+LIMIT 20;

@@ -34,6 +34,14 @@ pub struct WorkerConfig {
     pub client: ClientConfig,
     /// Exit once nothing is due, in flight or waiting to be recorded.
     pub until_empty: bool,
+    /// Delivered and cancelled events (and their attempts) older than this
+    /// are deleted by the workers; `None` keeps everything.
+    pub retention: Option<Duration>,
+    /// Failed events older than this are deleted too; `None` keeps them
+    /// until they are replayed or removed by hand.
+    pub failed_retention: Option<Duration>,
+    /// How often a worker looks for events to prune.
+    pub retention_interval: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -50,6 +58,9 @@ impl Default for WorkerConfig {
             signing_secret: None,
             client: ClientConfig::default(),
             until_empty: false,
+            retention: Some(Duration::from_secs(7 * 24 * 3600)),
+            failed_retention: None,
+            retention_interval: Duration::from_secs(60),
         }
     }
 }
@@ -104,6 +115,12 @@ impl WorkerConfig {
         }
         if self.retry.schedule.is_empty() {
             return Err(ConfigError::new("POSTBOX_RETRY_SCHEDULE", "needs at least one delay"));
+        }
+        if self.retention_interval.is_zero() {
+            return Err(ConfigError::new(
+                "POSTBOX_RETENTION_INTERVAL",
+                "must be greater than zero",
+            ));
         }
         if self.breaker.threshold == 0 {
             return Err(ConfigError::new("POSTBOX_BREAKER_THRESHOLD", "must be at least 1"));

@@ -33,6 +33,11 @@ pub const MIGRATIONS: &[Migration] = &[
         description: "flow control",
         sql: include_str!("../migrations/0002_flow_control.sql"),
     },
+    Migration {
+        version: 3,
+        description: "operations",
+        sql: include_str!("../migrations/0003_operations.sql"),
+    },
 ];
 
 /// Advisory lock key taken while migrating ("postbox" in ASCII).

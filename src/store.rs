@@ -291,3 +291,55 @@ WHERE o.id = l.id AND o.attempts = l.attempt AND o.locked_by = $1 AND o.status =
     .await?;
     Ok(r.rows_affected())
 }
+
+/// Advisory lock key held while pruning ("pbprune").
+const PRUNE_LOCK: i64 = 0x0070_6270_7275_6e65;
+
+/// Deletes up to `batch` finished events created more than `older_than`
+/// ago (their attempts go with them): delivered and cancelled ones, and, when
+/// `failed_older_than` is set, failed ones. One worker prunes at a time (a
+/// transaction-level advisory lock); returns `None` when another worker is
+/// pruning, else how many events were deleted.
+pub async fn prune(
+    pool: &PgPool,
+    older_than: Duration,
+    failed_older_than: Option<Duration>,
+    batch: i64,
+) -> Result<Option<u64>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+        .bind(PRUNE_LOCK)
+        .fetch_one(&mut *tx)
+        .await?;
+    if !locked {
+        return Ok(None);
+    }
+    // Event ids are UUIDv7, so "created before the cut-off" is a primary-key range.
+    let mut deleted = sqlx::query(
+        "DELETE FROM postbox.outbox WHERE id IN (
+             SELECT id FROM postbox.outbox
+             WHERE id < postbox.uuid_v7_at(now() - $1 * interval '1 second')
+               AND status IN ('delivered', 'cancelled')
+             LIMIT $2)",
+    )
+    .bind(older_than.as_secs_f64())
+    .bind(batch)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if let Some(failed) = failed_older_than {
+        deleted += sqlx::query(
+            "DELETE FROM postbox.outbox WHERE id IN (
+                 SELECT id FROM postbox.outbox
+                 WHERE id < postbox.uuid_v7_at(now() - $1 * interval '1 second') AND status = 'failed'
+                 LIMIT $2)",
+        )
+        .bind(failed.as_secs_f64())
+        .bind(batch)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    }
+    tx.commit().await?;
+    Ok(Some(deleted))
+}

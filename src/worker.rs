@@ -172,6 +172,14 @@ impl Worker {
         let recorder = tokio::spawn(record_loop(self.pool.clone(), shared.clone(), records_rx));
         let wake = Arc::new(Notify::new());
         let listener = tokio::spawn(listen_loop(self.pool.clone(), wake.clone()));
+        let pruner = self.config.retention.map(|keep| {
+            tokio::spawn(prune_loop(
+                self.pool.clone(),
+                keep,
+                self.config.failed_retention,
+                self.config.retention_interval,
+            ))
+        });
         info!(worker_id = %self.config.worker_id, concurrency = self.config.concurrency, "worker started");
 
         let slots = Arc::new(Semaphore::new(self.config.concurrency));
@@ -246,8 +254,9 @@ impl Worker {
         }
 
         // Shutdown: let deliveries finish within the grace period.
-        if !tasks.is_empty() {
-            info!(in_flight = tasks.len(), grace = ?self.config.shutdown_grace, "waiting for in-flight deliveries");
+        let running = shared.in_flight.lock().expect("in-flight map").len();
+        if running > 0 {
+            info!(in_flight = running, grace = ?self.config.shutdown_grace, "waiting for in-flight deliveries");
         }
         let drained = tokio::time::timeout(self.config.shutdown_grace, async {
             while tasks.join_next().await.is_some() {}
@@ -268,6 +277,9 @@ impl Worker {
         }
         listener.abort();
         stopper.abort();
+        if let Some(p) = pruner {
+            p.abort();
+        }
         let stats = RunStats {
             attempts: shared.attempts.load(Ordering::Relaxed),
             delivered: shared.delivered.load(Ordering::Relaxed),
@@ -308,7 +320,13 @@ fn unit_random() -> f64 {
 }
 
 /// Delivers one claimed event and hands the outcome to the recorder.
-#[tracing::instrument(skip_all, fields(event_id = %row.id, endpoint_id = row.endpoint_id, attempt = row.attempt))]
+#[tracing::instrument(skip_all, fields(
+    event_id = %row.id,
+    conversation_id = row.payload["conversation_id"].as_str().unwrap_or_default(),
+    message_id = row.payload["data"]["id"].as_str().unwrap_or_default(),
+    endpoint_id = row.endpoint_id,
+    attempt = row.attempt,
+))]
 async fn deliver(shared: Arc<Shared>, row: Claimed, claimed: Instant, permit: OwnedSemaphorePermit) {
     let config = &shared.config;
     // Database time at the start of this attempt: the claim's now() plus the
@@ -525,5 +543,32 @@ async fn listen_loop(pool: PgPool, wake: Arc<Notify>) {
             }
         }
         tokio::time::sleep(reconnect_delay(failures.max(1))).await;
+    }
+}
+
+/// Retention: every `interval`, deletes finished events older than `keep`
+/// in batches of 1,000 (at most 100 batches a round, so a large first
+/// clean-up is spread out). One worker prunes at a time.
+async fn prune_loop(pool: PgPool, keep: Duration, failed_keep: Option<Duration>, interval: Duration) {
+    loop {
+        tokio::time::sleep(interval).await;
+        for _ in 0..100 {
+            match store::prune(&pool, keep, failed_keep, 1000).await {
+                Ok(Some(n)) => {
+                    if n > 0 {
+                        metrics::counter!("postbox_retention_deleted_total").increment(n);
+                        debug!(deleted = n, "pruned finished events");
+                    }
+                    if n < 1000 {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    debug!(error = %e, "pruning failed; will try again");
+                    break;
+                }
+            }
+        }
     }
 }

@@ -1,5 +1,7 @@
 //! `postbox worker`: flags and `POSTBOX_*` variables → [`WorkerConfig`].
 
+use std::time::Duration;
+
 use postbox::config::{parse_bool, parse_duration, parse_fraction, parse_schedule};
 use postbox::delivery::{NetworkPolicy, Secrets};
 use postbox::{ConfigError, Worker, WorkerConfig};
@@ -60,6 +62,15 @@ pub struct WorkerArgs {
     /// This worker's id [default: host-pid-random].
     #[arg(long, env = "POSTBOX_WORKER_ID")]
     pub worker_id: Option<String>,
+    /// Delete delivered and cancelled events older than this; `off` keeps them [default: 7d].
+    #[arg(long, env = "POSTBOX_RETENTION")]
+    pub retention: Option<String>,
+    /// Delete failed events older than this [default: off: kept until replayed].
+    #[arg(long, env = "POSTBOX_FAILED_RETENTION")]
+    pub failed_retention: Option<String>,
+    /// How often workers prune [default: 1m].
+    #[arg(long, env = "POSTBOX_RETENTION_INTERVAL")]
+    pub retention_interval: Option<String>,
     /// Distinct events failing in a row that open an endpoint's breaker [default: 5].
     #[arg(long, env = "POSTBOX_BREAKER_THRESHOLD")]
     pub breaker_threshold: Option<String>,
@@ -84,6 +95,14 @@ fn set<T>(
         *target = parse(var, v)?;
     }
     Ok(())
+}
+
+/// A duration, or `off` for none.
+fn parse_optional_duration(var: &'static str, s: &str) -> Result<Option<Duration>, ConfigError> {
+    match s.trim() {
+        "off" | "none" | "" => Ok(None),
+        other => parse_duration(var, other).map(Some),
+    }
 }
 
 fn parse_count(var: &'static str, s: &str) -> Result<usize, ConfigError> {
@@ -153,6 +172,24 @@ impl WorkerArgs {
             "POSTBOX_SHUTDOWN_GRACE",
             parse_duration,
             &mut c.shutdown_grace,
+        )?;
+        set(
+            &self.retention,
+            "POSTBOX_RETENTION",
+            parse_optional_duration,
+            &mut c.retention,
+        )?;
+        set(
+            &self.failed_retention,
+            "POSTBOX_FAILED_RETENTION",
+            parse_optional_duration,
+            &mut c.failed_retention,
+        )?;
+        set(
+            &self.retention_interval,
+            "POSTBOX_RETENTION_INTERVAL",
+            parse_duration,
+            &mut c.retention_interval,
         )?;
         let mut threshold = c.breaker.threshold as usize;
         set(

@@ -505,3 +505,8 @@ pub async fn set_limits(pool: &PgPool, url: &str, max_in_flight: i32, rate_per_m
         .await
         .unwrap();
 }
+
+/// Runs a command without blocking the test's runtime (which serves the receivers).
+pub async fn run_async(c: Command) -> Output {
+    tokio::task::spawn_blocking(move || run(c)).await.unwrap()
+}
