@@ -82,6 +82,18 @@ async fn metrics_match_deliveries() {
     assert!(page.contains("postbox_outbox_pending"), "{page}");
     assert!(page.contains("postbox_outbox_oldest_pending_seconds"), "{page}");
     assert!(page.contains("postbox_claim_batch_size"), "{page}");
+    assert_eq!(sample(&page, "postbox_endpoints_breaker_open"), Some(0.0), "{page}");
+    // The backlog gauges are read from the tables every 5 s.
+    let mut pending = None;
+    for _ in 0..80 {
+        let page = get("/metrics").await.unwrap().text().await.unwrap();
+        pending = sample(&page, "postbox_outbox_pending");
+        if pending == Some(0.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(pending, Some(0.0));
     stop_all(std::slice::from_mut(&mut worker)).await;
 }
 

@@ -55,18 +55,29 @@ async fn ready(pool: PgPool) -> (StatusCode, &'static str) {
     }
 }
 
-/// Refreshes `postbox_outbox_pending` and `postbox_outbox_oldest_pending_seconds`.
+/// Refreshes the gauges read from the tables: `postbox_outbox_pending`,
+/// `postbox_outbox_oldest_pending_seconds`, `postbox_outbox_expired_leases`
+/// (claimed rows whose worker vanished, waiting to be taken again),
+/// `postbox_endpoints_breaker_open` and `postbox_endpoints_disabled`.
 async fn backlog_gauges(pool: PgPool) {
     loop {
-        let row: Result<(i64, f64), _> = sqlx::query_as(
-            "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8
-             FROM postbox.outbox WHERE status = 'pending'",
+        let row: Result<(i64, f64, i64, i64, i64), _> = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM postbox.outbox WHERE status = 'pending'),
+                    (SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8
+                     FROM postbox.outbox WHERE status = 'pending'),
+                    (SELECT count(*) FROM postbox.outbox
+                     WHERE status = 'pending' AND locked_by IS NOT NULL AND locked_until < now()),
+                    (SELECT count(*) FROM postbox.endpoints WHERE breaker_open_until > now()),
+                    (SELECT count(*) FROM postbox.endpoints WHERE disabled_at IS NOT NULL)",
         )
         .fetch_one(&pool)
         .await;
-        if let Ok((pending, oldest)) = row {
+        if let Ok((pending, oldest, expired, open, disabled)) = row {
             metrics::gauge!("postbox_outbox_pending").set(pending as f64);
             metrics::gauge!("postbox_outbox_oldest_pending_seconds").set(oldest);
+            metrics::gauge!("postbox_outbox_expired_leases").set(expired as f64);
+            metrics::gauge!("postbox_endpoints_breaker_open").set(open as f64);
+            metrics::gauge!("postbox_endpoints_disabled").set(disabled as f64);
         }
         tokio::time::sleep(Duration::from_secs(5)).await;
     }
