@@ -76,7 +76,10 @@ pub fn check_callback_url(url: &str) -> Result<reqwest::Url, EnqueueError> {
     if !matches!(parsed.scheme(), "https" | "http") {
         return Err(EnqueueError::invalid(field, "must be an absolute https:// URL"));
     }
-    if !parsed.username().is_empty() || parsed.password().is_some() {
+    let authority = url
+        .split_once("://")
+        .map_or("", |(_, rest)| rest.split(['/', '?', '#']).next().unwrap_or(""));
+    if authority.contains('@') || !parsed.username().is_empty() || parsed.password().is_some() {
         return Err(EnqueueError::invalid(
             field,
             "must not carry credentials (user:password@)",
@@ -156,6 +159,7 @@ mod tests {
         assert!(field_of("example.com/hook").contains("absolute"));
         assert!(field_of("ftp://example.com/").contains("https://"));
         assert!(field_of("https://user:pw@example.com/").contains("credentials"));
+        assert!(field_of("https://@example.com/").contains("credentials"));
         assert!(field_of("https://example.com/a b").contains("white space"));
         assert!(field_of("https://example.com/\u{7}").starts_with("callback_url"));
     }
