@@ -181,6 +181,8 @@ BEGIN
             LIMIT b.n
             FOR UPDATE OF o SKIP LOCKED
         ) d
+        -- Fair shares are rounded up: never return more than asked for.
+        LIMIT max_rows
     ), lost AS (
         INSERT INTO postbox.attempts (outbox_id, attempt, worker_id, started_at, duration_ms, error_kind, error)
         SELECT due.id, due.prev_attempt, due.prev_owner, coalesce(due.prev_started, now()),

@@ -20,6 +20,9 @@ pub struct Cluster {
     dir: PathBuf,
     port: u16,
     guard: Option<Child>,
+    bin: PathBuf,
+    user: Option<(u32, u32)>,
+    durability: Durability,
 }
 
 /// Server settings for the throwaway cluster.
@@ -104,6 +107,9 @@ impl Cluster {
             dir: dir.clone(),
             port: 0,
             guard: None,
+            bin: bin.clone(),
+            user,
+            durability,
         };
         let data = dir.join("data");
         let out = run_as(&mut Command::new(bin.join("initdb")), user)
@@ -126,39 +132,64 @@ impl Cluster {
                 String::from_utf8_lossy(&out.stderr)
             )));
         }
-        let fsync = match durability {
+        for _ in 0..5 {
+            cluster.port = free_port()?;
+            if cluster.spawn()? {
+                return Ok(cluster);
+            }
+        }
+        let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
+        Err(io::Error::other(format!("postgres did not start: {log}")))
+    }
+
+    /// Starts the server on `self.port`; false if it did not come up.
+    fn spawn(&mut self) -> io::Result<bool> {
+        let fsync = match self.durability {
             Durability::Default => "on",
             Durability::Fast => "off",
         };
-        for attempt in 0..5 {
-            let port = free_port()?;
-            let postgres = bin.join("postgres");
-            // The shell keeps the server as its child and stops it when our
-            // end of its stdin closes: on drop, exit, or a kill of this process.
-            let script = format!(
-                "\"$0\" -D \"$1\" -p {port} -k \"$2\" -c listen_addresses=127.0.0.1 -c fsync={fsync} \
-                 -c full_page_writes={fsync} -c max_connections=300 -c shared_buffers=256MB \
-                 >\"$2/server.log\" 2>&1 & pid=$!; cat >/dev/null; kill -INT $pid; wait $pid"
-            );
-            let child = run_as(&mut Command::new("sh"), user)
-                .args(["-c", &script, path_str(&postgres)?, path_str(&data)?, path_str(&dir)?])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .process_group(0)
-                .spawn()?;
-            cluster.guard = Some(child);
-            cluster.port = port;
-            if cluster.wait_ready(Duration::from_secs(30)) {
-                return Ok(cluster);
-            }
-            cluster.stop();
-            if attempt == 4 {
-                let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
-                return Err(io::Error::other(format!("postgres did not start: {log}")));
-            }
+        let port = self.port;
+        let _ = std::fs::remove_file(self.dir.join("server.log"));
+        // The shell keeps the server as its child and stops it (fast
+        // shutdown) when our end of its stdin closes: on drop, exit, or a
+        // kill of this process.
+        let script = format!(
+            "\"$0\" -D \"$1\" -p {port} -k \"$2\" -c listen_addresses=127.0.0.1 -c fsync={fsync} \
+             -c full_page_writes={fsync} -c max_connections=300 -c shared_buffers=256MB \
+             >\"$2/server.log\" 2>&1 & pid=$!; cat >/dev/null; kill -INT $pid; wait $pid"
+        );
+        let postgres = self.bin.join("postgres");
+        let data = self.dir.join("data");
+        let child = run_as(&mut Command::new("sh"), self.user)
+            .args([
+                "-c",
+                &script,
+                path_str(&postgres)?,
+                path_str(&data)?,
+                path_str(&self.dir)?,
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()?;
+        self.guard = Some(child);
+        if self.wait_ready(Duration::from_secs(30)) {
+            return Ok(true);
         }
-        unreachable!("the loop returns")
+        self.stop();
+        Ok(false)
+    }
+
+    /// Restarts the server: a fast shutdown, then a start on the same port,
+    /// as `pg_ctl restart -m fast` would. Open connections break.
+    pub fn restart(&mut self) -> io::Result<()> {
+        self.stop();
+        if self.spawn()? {
+            Ok(())
+        } else {
+            Err(io::Error::other("postgres did not come back after a restart"))
+        }
     }
 
     fn wait_ready(&mut self, limit: Duration) -> bool {

@@ -222,10 +222,13 @@ impl Worker {
             }
             let claimed_at = Instant::now();
             for row in rows {
-                let permit = slots
-                    .clone()
-                    .try_acquire_owned()
-                    .expect("claimed no more than the free slots");
+                let Ok(permit) = slots.clone().try_acquire_owned() else {
+                    // More rows than free slots would be a claim bug; give the lease back.
+                    warn!(event_id = %row.id, "claimed more events than free slots; releasing one");
+                    shared.unrecorded.fetch_add(1, Ordering::SeqCst);
+                    let _ = shared.records.send(Record::Release(row.id, row.attempt));
+                    continue;
+                };
                 shared
                     .in_flight
                     .lock()

@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 const THREE: usize = 3;
 
-fn workers(db_url: &str, env: &[(&str, &str)]) -> Vec<std::process::Child> {
+fn workers(db_url: &str, env: &[(&str, &str)]) -> Vec<WorkerProc> {
     (0..THREE).map(|_| spawn_worker_process(db_url, env)).collect()
 }
 
@@ -247,4 +247,24 @@ async fn ordering_key_is_strict_across_workers() {
     }
     assert_eq!(keyed.len(), 21, "twenty events, one retried");
     assert!(others.iter().all(|o| receiver.hits().iter().any(|h| h.id() == *o)));
+}
+
+/// A claim never returns more rows than asked for, however the fair shares round.
+#[tokio::test]
+async fn claim_never_exceeds_the_batch() {
+    let db = TestDb::new().await;
+    for e in 0..5 {
+        enqueue_bulk(&db.pool, &format!("https://example.com/{e}"), 10, None).await;
+    }
+    unlimited(&db.pool).await;
+    for want in [1, 3, 7, 9, 11] {
+        let got = postbox::store::claim(&db.pool, "w", want, Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert!(
+            !got.is_empty() && got.len() as i64 <= want,
+            "asked {want}, got {}",
+            got.len()
+        );
+    }
 }

@@ -335,6 +335,7 @@ async fn signatures_verify_with_the_official_library() {
         .await
         .unwrap();
     drain(&db.pool, config()).await;
+    let pythonpath = standardwebhooks_path();
     let script = r#"
 import json, sys
 from standardwebhooks.webhooks import Webhook
@@ -351,6 +352,7 @@ print("verified")
         });
         let mut child = std::process::Command::new("python3")
             .args(["-c", script, secret, &headers.to_string()])
+            .env("PYTHONPATH", &pythonpath)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
@@ -371,6 +373,7 @@ print("verified")
         tampered[10] ^= 1;
         let mut child = std::process::Command::new("python3")
             .args(["-c", script, secret, &headers.to_string()])
+            .env("PYTHONPATH", &pythonpath)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
@@ -383,4 +386,28 @@ print("verified")
         assert!(!String::from_utf8_lossy(&child.wait_with_output().unwrap().stdout).contains("verified"));
     }
     assert_eq!(receiver.count(), 2);
+}
+
+/// A PYTHONPATH under which `import standardwebhooks` works: the system's if
+/// it has the package, else a copy installed from PyPI into the target dir.
+fn standardwebhooks_path() -> String {
+    let has = |path: &str| {
+        std::process::Command::new("python3")
+            .args(["-c", "import standardwebhooks"])
+            .env("PYTHONPATH", path)
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if has("") {
+        return String::new();
+    }
+    let dir = concat!(env!("CARGO_TARGET_TMPDIR"), "/pydeps");
+    if !has(dir) {
+        let ok = std::process::Command::new("python3")
+            .args(["-m", "pip", "install", "-q", "--target", dir, "standardwebhooks"])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "could not install the standardwebhooks verifier from PyPI");
+    }
+    dir.to_owned()
 }

@@ -447,8 +447,31 @@ pub async fn wait_exit(child: &mut Child, limit: Duration) -> std::process::Exit
     }
 }
 
+/// A worker process, killed if the test ends (or panics) without stopping it.
+pub struct WorkerProc(pub Child);
+
+impl Drop for WorkerProc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl std::ops::Deref for WorkerProc {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for WorkerProc {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
 /// Starts a worker process (output discarded) with extra environment.
-pub fn spawn_worker_process(db_url: &str, env: &[(&str, &str)]) -> Child {
+pub fn spawn_worker_process(db_url: &str, env: &[(&str, &str)]) -> WorkerProc {
     let mut c = worker_cmd(db_url);
     for (k, v) in env {
         c.env(k, v);
@@ -458,15 +481,17 @@ pub fn spawn_worker_process(db_url: &str, env: &[(&str, &str)]) -> Child {
         Ok(dir) => Stdio::from(std::fs::File::create(format!("{dir}/worker-{}.log", Uuid::new_v4().simple())).unwrap()),
         Err(_) => Stdio::null(),
     };
-    c.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(stderr)
-        .spawn()
-        .expect("spawn postbox worker")
+    WorkerProc(
+        c.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn postbox worker"),
+    )
 }
 
 /// Stops worker processes with SIGTERM and checks they exit 0.
-pub async fn stop_all(children: &mut [Child]) {
+pub async fn stop_all(children: &mut [WorkerProc]) {
     for c in children.iter() {
         signal(c, "TERM");
     }
