@@ -292,10 +292,13 @@ async fn poison_endpoints_do_not_slow_others() {
         enqueue_bulk(&pool, &fail.url, 50, None).await,
     ]
     .concat();
+    // The breaker is set out of reach here: with it, these events would wait
+    // (unspent) behind an open breaker instead of running out their attempts.
     let env = [
         ("POSTBOX_REQUEST_TIMEOUT", "2s"),
         ("POSTBOX_LEASE", "7s"),
         ("POSTBOX_RETRY_SCHEDULE", "500ms,1s,1s"),
+        ("POSTBOX_BREAKER_THRESHOLD", "1000"),
     ];
     let mut workers: Vec<WorkerProc> = (0..2).map(|_| spawn_worker_process(&url, &env)).collect();
     // Healthy traffic: 20 events/s for 15 s, latency = arrival − commit.
