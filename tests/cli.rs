@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -350,4 +350,87 @@ async fn demo_runs() {
     );
     assert!(stdout.contains("summary: 3 delivered, 0 failed"), "{stdout}");
     assert!(stdout.contains("rolled-back event rows: 0"));
+}
+
+/// `postbox listen` prints each webhook, says whether its signature is valid, and answers the chosen status.
+#[tokio::test]
+async fn listen_verifies_and_answers_as_told() {
+    let db = TestDb::new().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut c = postbox(None);
+    c.args([
+        "listen",
+        "--addr",
+        &format!("127.0.0.1:{port}"),
+        "--secret",
+        SECRET,
+        "--succeed-from",
+        "2",
+    ]);
+    let mut listener = WorkerProc(
+        c.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let url = format!("http://127.0.0.1:{port}/hook");
+    // Wait for it to listen.
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let signed = enqueue_many(&db.pool, &url, 1).await[0];
+    let forged = enqueue_many(&db.pool, &format!("{url}?forged"), 1).await[0];
+    sqlx::query(
+        "UPDATE postbox.endpoints SET secret = 'whsec_b3RoZXItc2VjcmV0LWtleS0xMjM0NTY3OA==' WHERE url LIKE '%forged'",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let (stop, handle) = spawn_worker(&db.pool, config());
+    wait_until(
+        &db.pool,
+        "SELECT count(*) FROM postbox.outbox WHERE status = 'pending'",
+        0,
+        Duration::from_secs(20),
+    )
+    .await;
+    stop.send(()).unwrap();
+    handle.await.unwrap();
+    signal(&listener, "TERM");
+    let out = tokio::task::spawn_blocking(move || {
+        let child = std::mem::replace(&mut listener.0, Command::new("true").spawn().unwrap());
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let heads: Vec<&str> = stdout.lines().filter(|l| l.starts_with("── webhook")).collect();
+    assert_eq!(heads.len(), 3, "one request failed with 500 and was retried: {stdout}");
+    assert!(
+        heads[0].ends_with("→ 500") && heads[1..].iter().all(|h| h.ends_with("→ 200")),
+        "{stdout}"
+    );
+    for h in &heads {
+        if h.contains(&signed.to_string()) {
+            assert!(h.contains("signature valid"), "{h}");
+        } else {
+            assert!(
+                h.contains(&forged.to_string()) && h.contains("SIGNATURE INVALID"),
+                "{h}"
+            );
+        }
+    }
+    assert!(
+        stdout.contains("\"content\": \"message 0\""),
+        "the body is printed readably: {stdout}"
+    );
 }
