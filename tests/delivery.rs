@@ -10,19 +10,6 @@ use postbox::delivery::{NetworkPolicy, Secrets};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-/// (attempt, status_code, error_kind, error) rows of one event.
-type Log = Vec<(i32, Option<i32>, Option<String>, Option<String>)>;
-
-async fn attempts_of(pool: &PgPool, id: Uuid) -> Log {
-    sqlx::query_as(
-        "SELECT attempt, status_code, error_kind, error FROM postbox.attempts WHERE outbox_id = $1 ORDER BY attempt",
-    )
-    .bind(id)
-    .fetch_all(pool)
-    .await
-    .unwrap()
-}
-
 /// A committed event is delivered exactly once, with the seed's body and the Standard Webhooks headers.
 #[tokio::test]
 async fn body_and_headers_follow_the_spec() {

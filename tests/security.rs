@@ -15,18 +15,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use uuid::Uuid;
 
-type Log = Vec<(i32, Option<i32>, Option<String>, Option<String>)>;
-
-async fn attempts_of(pool: &sqlx::PgPool, id: Uuid) -> Log {
-    sqlx::query_as(
-        "SELECT attempt, status_code, error_kind, error FROM postbox.attempts WHERE outbox_id = $1 ORDER BY attempt",
-    )
-    .bind(id)
-    .fetch_all(pool)
-    .await
-    .unwrap()
-}
-
 struct Ca {
     cert: rcgen::Certificate,
     key: KeyPair,

@@ -535,3 +535,17 @@ pub async fn set_limits(pool: &PgPool, url: &str, max_in_flight: i32, rate_per_m
 pub async fn run_async(c: Command) -> Output {
     tokio::task::spawn_blocking(move || run(c)).await.unwrap()
 }
+
+/// (attempt, status_code, error_kind, error) rows of one event's attempt log.
+pub type Log = Vec<(i32, Option<i32>, Option<String>, Option<String>)>;
+
+/// One event's attempt log, oldest first.
+pub async fn attempts_of(pool: &PgPool, id: Uuid) -> Log {
+    sqlx::query_as(
+        "SELECT attempt, status_code, error_kind, error FROM postbox.attempts WHERE outbox_id = $1 ORDER BY attempt",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
