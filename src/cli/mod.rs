@@ -3,6 +3,7 @@
 //! naming the variable; runtime errors exit 1.
 
 mod admin;
+mod bench;
 mod demo;
 mod listen;
 mod metrics_server;
@@ -44,6 +45,11 @@ enum Command {
     Listen(listen::ListenArgs),
     /// The whole flow on one machine with no set-up.
     Demo(demo::DemoArgs),
+    /// Measure drain throughput, latency and worker memory (see docs/performance.md).
+    Bench(bench::BenchArgs),
+    /// The benchmark's receiver process (started by `postbox bench`).
+    #[command(hide = true)]
+    BenchReceiver(bench::ReceiverArgs),
 }
 
 /// The database connection, for every command that needs one.
@@ -186,6 +192,8 @@ async fn run(command: Command) -> Result<(), Failure> {
         Command::Endpoint(args) => admin::endpoint(args).await,
         Command::Listen(args) => listen::run(args).await,
         Command::Demo(args) => demo::run(args).await,
+        Command::Bench(args) => bench::run(args).await,
+        Command::BenchReceiver(args) => bench::receiver(args).await,
     }
 }
 
