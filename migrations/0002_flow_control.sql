@@ -27,8 +27,10 @@ ALTER TABLE postbox.outbox ADD COLUMN seq bigint GENERATED ALWAYS AS IDENTITY;
 
 -- Due events of one endpoint, oldest first (the claim walks this per endpoint).
 CREATE INDEX outbox_endpoint_due_idx ON postbox.outbox (endpoint_id, next_attempt_at) WHERE status = 'pending';
--- Leases held per endpoint (the concurrency limit).
-CREATE INDEX outbox_leased_idx ON postbox.outbox (endpoint_id) WHERE locked_by IS NOT NULL;
+-- Leases held per endpoint (the concurrency limit). Its predicate is on
+-- locked_until, not locked_by, so that the outcome UPDATE (which filters on
+-- locked_by = worker) finds its rows by primary key instead of walking this.
+CREATE INDEX outbox_leased_idx ON postbox.outbox (endpoint_id) WHERE locked_until IS NOT NULL;
 -- The oldest pending event of an ordering key.
 CREATE INDEX outbox_ordering_idx ON postbox.outbox (ordering_key, seq)
     WHERE status = 'pending' AND ordering_key IS NOT NULL;
@@ -116,9 +118,9 @@ $$;
 -- Claims up to max_rows due events for worker_id, with a lease of lease_ms.
 --
 -- Two statements, each with its own snapshot (this function is VOLATILE):
---  1. Lock the endpoints that have due events and may receive now (not
---     disabled, not paused, breaker not open), least recently claimed first,
---     with FOR UPDATE SKIP LOCKED: two workers never account for the same
+--  1. Lock up to max_endpoints endpoints that have due events and may
+--     receive now (not disabled, not paused, breaker not open), least
+--     recently claimed first, with FOR UPDATE SKIP LOCKED: two workers never account for the same
 --     endpoint at once, and never wait on each other.
 --  2. With those locks held, and a snapshot taken after them (so every
 --     claim committed before is visible), give each endpoint a budget:
@@ -128,7 +130,7 @@ $$;
 --     first, skipping events whose ordering key has an older pending event,
 --     count the attempt, set the lease, and account the starts.
 -- Rows whose lease expired on their final attempt become failed here.
-CREATE FUNCTION postbox.claim(worker_id text, max_rows integer, lease_ms bigint)
+CREATE FUNCTION postbox.claim(worker_id text, max_rows integer, lease_ms bigint, max_endpoints integer DEFAULT 4)
 RETURNS TABLE (id uuid, attempt integer, max_attempts integer, payload jsonb, endpoint_id bigint,
                url text, secret text, claimed_at timestamptz)
 LANGUAGE plpgsql VOLATILE AS $$
@@ -145,7 +147,9 @@ BEGIN
           AND EXISTS (SELECT 1 FROM postbox.outbox o
                       WHERE o.endpoint_id = e.id AND o.status = 'pending' AND o.next_attempt_at <= now())
         ORDER BY e.last_claimed_at NULLS FIRST
-        LIMIT max_rows
+        -- A few endpoints per claim: concurrent workers then lock different
+        -- endpoints instead of skipping each other's whole batch.
+        LIMIT least(max_rows, max_endpoints)
         FOR UPDATE SKIP LOCKED
     ) l;
     IF eps IS NULL THEN
@@ -163,8 +167,7 @@ BEGIN
         SELECT ep.*, greatest(0, least(
                    share,
                    ep.max_in_flight - (SELECT count(*) FROM postbox.outbox f
-                                       WHERE f.endpoint_id = ep.id AND f.locked_by IS NOT NULL
-                                         AND f.locked_until > now()),
+                                       WHERE f.endpoint_id = ep.id AND f.locked_until > now()),
                    coalesce(ep.rate_per_minute - (SELECT sum(c) FROM unnest(ep.counts) c), share),
                    CASE WHEN ep.probing THEN 1 ELSE share END))::int AS n
         FROM ep

@@ -59,6 +59,22 @@ pub async fn claim(pool: &PgPool, worker_id: &str, limit: i64, lease: Duration) 
     .await
 }
 
+/// True while some event is due now for an endpoint that may receive it
+/// (enabled, not paused, breaker not open): `--until-empty` keeps going
+/// until this is false, even when endpoint limits hold those events back
+/// for a while.
+pub async fn has_due(pool: &PgPool) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (
+             SELECT 1 FROM postbox.outbox o JOIN postbox.endpoints e ON e.id = o.endpoint_id
+             WHERE o.status = 'pending' AND o.next_attempt_at <= now() AND e.disabled_at IS NULL
+               AND (e.paused_until IS NULL OR e.paused_until <= now())
+               AND (e.breaker_open_until IS NULL OR e.breaker_open_until <= now()))",
+    )
+    .fetch_one(pool)
+    .await
+}
+
 /// What to do with a row once its attempt is over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transition {

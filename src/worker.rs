@@ -236,13 +236,15 @@ impl Worker {
                     .insert(row.id, row.attempt);
                 tasks.spawn(deliver(shared.clone(), row, claimed_at, permit));
             }
-            if got == want {
+            // A claim serves a few endpoints at a time: while it finds work,
+            // claim again at once for the rest.
+            if got > 0 {
                 continue;
             }
             if self.config.until_empty
-                && got == 0
                 && slots.available_permits() == self.config.concurrency
                 && shared.unrecorded.load(Ordering::SeqCst) == 0
+                && !store::has_due(&self.pool).await.unwrap_or(true)
             {
                 info!("nothing due or in flight; exiting (--until-empty)");
                 break;
