@@ -55,7 +55,6 @@ CREATE TABLE postbox.outbox (
 
 -- The claim query reads only this: due pending rows, oldest first.
 CREATE INDEX outbox_due_idx ON postbox.outbox (next_attempt_at) WHERE status = 'pending';
-CREATE INDEX outbox_endpoint_status_idx ON postbox.outbox (endpoint_id, status);
 CREATE INDEX outbox_conversation_idx ON postbox.outbox (conversation_id);
 CREATE INDEX outbox_message_idx ON postbox.outbox (message_id);
 
