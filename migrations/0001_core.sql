@@ -249,6 +249,26 @@ BEGIN
 END
 $$;
 
+-- Endpoint limits for new endpoints come from settings when present:
+--   ALTER DATABASE … SET postbox.default_max_in_flight = 20;
+--   ALTER DATABASE … SET postbox.default_rate_per_minute = 600;  -- or 'unlimited'
+CREATE FUNCTION postbox.new_endpoint(callback_url text) RETURNS bigint
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    mif text := nullif(current_setting('postbox.default_max_in_flight', true), '');
+    rpm text := nullif(current_setting('postbox.default_rate_per_minute', true), '');
+    ep_id bigint;
+BEGIN
+    INSERT INTO postbox.endpoints (url, max_in_flight, rate_per_minute)
+    VALUES (callback_url,
+            coalesce(mif::int, 10),
+            CASE WHEN rpm = 'unlimited' THEN NULL ELSE coalesce(rpm::int, 100) END)
+    ON CONFLICT (url) DO UPDATE SET url = EXCLUDED.url
+    RETURNING id INTO ep_id;
+    RETURN ep_id;
+END
+$$;
+
 -- Enqueues one message event for delivery to callback_url, inside the
 -- caller's transaction: the event becomes visible to workers when (and only
 -- if) that transaction commits. Returns the event id (the webhook-id).
@@ -283,9 +303,8 @@ BEGIN
     SELECT e.id, e.disabled_at IS NOT NULL INTO ep_id, ep_disabled
     FROM postbox.endpoints e WHERE e.url = callback_url;
     IF ep_id IS NULL THEN
-        INSERT INTO postbox.endpoints (url) VALUES (callback_url)
-        ON CONFLICT (url) DO UPDATE SET url = EXCLUDED.url
-        RETURNING id, disabled_at IS NOT NULL INTO ep_id, ep_disabled;
+        ep_id := postbox.new_endpoint(callback_url);
+        ep_disabled := false;
     END IF;
 
     -- Events for a disabled endpoint are kept, parked until it is enabled.
