@@ -453,8 +453,9 @@ async fn record_loop(pool: PgPool, shared: Arc<Shared>, mut rx: mpsc::UnboundedR
                         metrics::counter!("postbox_fenced_outcomes_total").increment(fenced as u64);
                         warn!(fenced, "outcomes dropped: their lease had passed to a newer attempt");
                     }
+                    let recorded: std::collections::HashSet<Uuid> = ids.into_iter().collect();
                     for o in &outcomes {
-                        if !ids.contains(&o.id) {
+                        if !recorded.contains(&o.id) {
                             continue;
                         }
                         match o.transition {
