@@ -111,14 +111,14 @@ pub async fn enqueue(conn: &mut PgConnection, callback_url: &str, event: &Messag
         }
     }
     let data = serde_json::to_value(&event.message).expect("a message always serialises");
-    sqlx::query_scalar("SELECT postbox.enqueue($1, $2, $3, $4)")
-        .bind(callback_url)
-        .bind(event.conversation_id)
-        .bind(data)
-        .bind(event.ordering_key.as_deref())
-        .fetch_one(conn)
-        .await
-        .map_err(EnqueueError::from_db)
+    call_sql(
+        conn,
+        callback_url,
+        event.conversation_id,
+        &data,
+        event.ordering_key.as_deref(),
+    )
+    .await
 }
 
 /// Enqueues raw JSON `data` (the SQL function validates it): for callers that
@@ -131,6 +131,17 @@ pub async fn enqueue_json(
     ordering_key: Option<&str>,
 ) -> Result<Uuid, EnqueueError> {
     check_callback_url(callback_url)?;
+    call_sql(conn, callback_url, conversation_id, data, ordering_key).await
+}
+
+/// The one call of the SQL function, after the Rust-side checks.
+async fn call_sql(
+    conn: &mut PgConnection,
+    callback_url: &str,
+    conversation_id: Uuid,
+    data: &serde_json::Value,
+    ordering_key: Option<&str>,
+) -> Result<Uuid, EnqueueError> {
     sqlx::query_scalar("SELECT postbox.enqueue($1, $2, $3, $4)")
         .bind(callback_url)
         .bind(conversation_id)

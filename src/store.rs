@@ -331,26 +331,21 @@ pub async fn prune(
         return Ok(None);
     }
     // Event ids are UUIDv7, so "created before the cut-off" is a primary-key range.
-    let mut deleted = sqlx::query(
-        "DELETE FROM postbox.outbox WHERE id IN (
-             SELECT id FROM postbox.outbox
-             WHERE id < postbox.uuid_v7_at(now() - $1 * interval '1 second')
-               AND status IN ('delivered', 'cancelled')
-             LIMIT $2)",
-    )
-    .bind(older_than.as_secs_f64())
-    .bind(batch)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    if let Some(failed) = failed_older_than {
+    let mut deleted = 0;
+    let rounds = [
+        (Some(older_than), &["delivered", "cancelled"][..]),
+        (failed_older_than, &["failed"][..]),
+    ];
+    for (age, statuses) in rounds {
+        let Some(age) = age else { continue };
         deleted += sqlx::query(
             "DELETE FROM postbox.outbox WHERE id IN (
                  SELECT id FROM postbox.outbox
-                 WHERE id < postbox.uuid_v7_at(now() - $1 * interval '1 second') AND status = 'failed'
-                 LIMIT $2)",
+                 WHERE id < postbox.uuid_v7_at(now() - $1 * interval '1 second') AND status = ANY($2)
+                 LIMIT $3)",
         )
-        .bind(failed.as_secs_f64())
+        .bind(age.as_secs_f64())
+        .bind(statuses)
         .bind(batch)
         .execute(&mut *tx)
         .await?
