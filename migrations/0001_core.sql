@@ -50,13 +50,61 @@ CREATE TABLE postbox.outbox (
     last_error       text,
     delivered_at     timestamptz,
     created_at       timestamptz NOT NULL DEFAULT now(),
-    ordering_key     text
+    -- Events of one endpoint sharing a key go one at a time, in seq order.
+    ordering_key     text,
+    -- Commit order within an (endpoint, ordering_key): enqueue takes a
+    -- per-key transaction lock before the row (and this number) is made.
+    seq              bigint      GENERATED ALWAYS AS IDENTITY,
+    -- false until a claim has looked at the event: how workers find new,
+    -- retried and replayed events without the enqueue touching any shared
+    -- row (see migrations/0002_dispatch.sql).
+    noticed          boolean     NOT NULL DEFAULT false
 ) WITH (fillfactor = 70);
 
--- The claim query reads only this: due pending rows, oldest first.
-CREATE INDEX outbox_due_idx ON postbox.outbox (next_attempt_at) WHERE status = 'pending';
+-- An endpoint's pending events by due time: the claim takes its events here.
+CREATE INDEX outbox_queue_idx ON postbox.outbox (endpoint_id, next_attempt_at) WHERE status = 'pending';
+-- Pending events no claim has looked at yet, by due time: how claims find new work.
+CREATE INDEX outbox_unnoticed_idx ON postbox.outbox (next_attempt_at) WHERE status = 'pending' AND NOT noticed;
+-- The oldest pending event of an ordering key within an endpoint.
+CREATE INDEX outbox_key_idx ON postbox.outbox (endpoint_id, ordering_key, seq)
+    WHERE status = 'pending' AND ordering_key IS NOT NULL;
 CREATE INDEX outbox_conversation_idx ON postbox.outbox (conversation_id);
 CREATE INDEX outbox_message_idx ON postbox.outbox (message_id);
+
+-- Dispatch state of each endpoint: written by workers (claims and outcomes)
+-- and never locked by application transactions, which only insert events.
+-- Operators may clear paused_until and breaker_open_until with plain SQL
+-- (a trigger then wakes the endpoint).
+CREATE TABLE postbox.endpoint_state (
+    endpoint_id        bigint      PRIMARY KEY REFERENCES postbox.endpoints (id) ON DELETE CASCADE,
+    -- When a claim should next look at this endpoint; NULL = nothing to do
+    -- until new events arrive or something changes (see 0002).
+    wake_at            timestamptz,
+    -- Why it is not being served, when it is not: disabled, paused, breaker,
+    -- probe, capacity, rate; NULL when it is served or idle.
+    hold               text CHECK (hold IN ('disabled', 'paused', 'breaker', 'probe', 'capacity', 'rate')),
+    -- Leases held (claims add, outcomes and releases subtract; recounted
+    -- from the outbox whenever it reaches max_in_flight).
+    in_flight          integer     NOT NULL DEFAULT 0,
+    -- The earliest end of those leases (when one might expire unrecorded).
+    lease_check_at     timestamptz,
+    -- Sliding-window rate accounting: starts per second over the last 61
+    -- seconds; rate_counts[1] is the second rate_epoch (Unix seconds).
+    rate_epoch         bigint,
+    rate_counts        integer[],
+    -- Back-pressure: a 429/503 with Retry-After pauses the endpoint until then.
+    paused_until       timestamptz,
+    -- Circuit breaker: distinct events whose latest attempts failed with no
+    -- success since; it opens when there are enough of them.
+    failing_events     uuid[]      NOT NULL DEFAULT '{}',
+    -- Open breaker: nothing is sent until then; afterwards one probe at a time.
+    breaker_open_until timestamptz,
+    breaker_cooldown   interval,
+    -- The probe in flight while the breaker is half-open, and its lease end.
+    probe_event        uuid,
+    probe_until        timestamptz
+) WITH (fillfactor = 50);
+CREATE INDEX endpoint_state_wake_idx ON postbox.endpoint_state (wake_at) WHERE wake_at IS NOT NULL;
 
 -- One row per delivery attempt: the retry attempt log.
 CREATE TABLE postbox.attempts (
@@ -74,6 +122,14 @@ CREATE TABLE postbox.attempts (
 );
 CREATE INDEX attempts_started_at_idx ON postbox.attempts (started_at);
 
+-- Workers that wait for a NOTIFY when new events arrive. A worker registers
+-- here when a claim finds nothing, and leaves while its claims come back
+-- full (saturated, it looks for work by itself).
+CREATE TABLE postbox.sleeping_workers (
+    worker_id text        PRIMARY KEY,
+    since     timestamptz NOT NULL DEFAULT now()
+);
+
 -- A time-ordered UUID (version 7): 48 bits of Unix milliseconds, then random bits.
 CREATE FUNCTION postbox.uuid_v7() RETURNS uuid
 LANGUAGE sql VOLATILE PARALLEL SAFE AS $$
@@ -87,6 +143,20 @@ LANGUAGE sql VOLATILE PARALLEL SAFE AS $$
 $$;
 
 ALTER TABLE postbox.outbox ALTER COLUMN id SET DEFAULT postbox.uuid_v7();
+
+-- The smallest UUIDv7 of a moment: event ids are time-ordered, so
+-- "id < postbox.uuid_v7_at(t)" selects events created before t through the
+-- primary key, with no extra index.
+CREATE FUNCTION postbox.uuid_v7_at(t timestamptz) RETURNS uuid
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT encode(
+        set_bit(set_bit(set_bit(set_bit(
+            overlay('\x00000000000000000000000000000000'::bytea
+                    PLACING substring(int8send((extract(epoch FROM t) * 1000)::bigint) FROM 3)
+                    FROM 1 FOR 6),
+            52, 1), 53, 1), 54, 1), 71, 1),
+        'hex')::uuid
+$$;
 
 -- Raises invalid_parameter_value naming the offending field.
 CREATE FUNCTION postbox.invalid(field text, problem text) RETURNS void
@@ -249,6 +319,27 @@ BEGIN
 END
 $$;
 
+-- Wakes waiting workers at commit: the one place the channel is named in
+-- SQL (the worker LISTENs on it, src/worker.rs NOTIFY_CHANNEL).
+CREATE FUNCTION postbox.wake_workers() RETURNS void
+LANGUAGE sql VOLATILE AS $$ SELECT pg_notify('postbox_outbox', '') $$;
+
+-- The first key of the two-part advisory locks that serialise writers of
+-- one ordering key ("pb" in ASCII); the second is a hash of endpoint and key.
+CREATE FUNCTION postbox.key_lock_class() RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT 28770 $$;
+
+-- Every endpoint has its dispatch state row, however the endpoint was made.
+CREATE FUNCTION postbox.endpoint_created() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO postbox.endpoint_state (endpoint_id) VALUES (NEW.id) ON CONFLICT DO NOTHING;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER endpoint_created AFTER INSERT ON postbox.endpoints
+    FOR EACH ROW EXECUTE FUNCTION postbox.endpoint_created();
+
 -- Endpoint limits for new endpoints come from settings when present:
 --   ALTER DATABASE … SET postbox.default_max_in_flight = 20;
 --   ALTER DATABASE … SET postbox.default_rate_per_minute = 600;  -- or 'unlimited'
@@ -263,8 +354,12 @@ BEGIN
     VALUES (callback_url,
             coalesce(mif::int, 10),
             CASE WHEN rpm = 'unlimited' THEN NULL ELSE coalesce(rpm::int, 100) END)
-    ON CONFLICT (url) DO UPDATE SET url = EXCLUDED.url
+    ON CONFLICT (url) DO NOTHING
     RETURNING id INTO ep_id;
+    -- Another transaction made it first (this statement waited for it to commit).
+    IF ep_id IS NULL THEN
+        SELECT e.id INTO ep_id FROM postbox.endpoints e WHERE e.url = callback_url;
+    END IF;
     RETURN ep_id;
 END
 $$;
@@ -280,7 +375,6 @@ DECLARE
     msg jsonb;
     body jsonb;
     ep_id bigint;
-    ep_disabled boolean;
     event_id uuid := postbox.uuid_v7();
 BEGIN
     PERFORM postbox.check_callback_url(callback_url);
@@ -289,6 +383,10 @@ BEGIN
     END IF;
     IF ordering_key = '' THEN
         PERFORM postbox.invalid('ordering_key', 'must not be empty (use NULL for no ordering)');
+    END IF;
+    IF length(ordering_key) > 256 THEN
+        PERFORM postbox.invalid('ordering_key', format('is %s characters long; at most 256 are allowed',
+                                                       length(ordering_key)));
     END IF;
     msg := postbox.check_message(data);
     body := jsonb_build_object(
@@ -300,22 +398,32 @@ BEGIN
                                                octet_length(body::text), max_bytes));
     END IF;
 
-    SELECT e.id, e.disabled_at IS NOT NULL INTO ep_id, ep_disabled
-    FROM postbox.endpoints e WHERE e.url = callback_url;
+    SELECT e.id INTO ep_id FROM postbox.endpoints e WHERE e.url = callback_url;
     IF ep_id IS NULL THEN
         ep_id := postbox.new_endpoint(callback_url);
-        ep_disabled := false;
     END IF;
 
-    -- Events for a disabled endpoint are kept, parked until it is enabled.
-    INSERT INTO postbox.outbox (id, conversation_id, message_id, endpoint_id, payload, ordering_key,
-                                next_attempt_at)
-    VALUES (event_id, conversation_id, (msg ->> 'id')::uuid, ep_id, body, ordering_key,
-            CASE WHEN ep_disabled THEN 'infinity'::timestamptz ELSE now() END);
+    -- Ordering keys: concurrent writers of one (endpoint, key) take turns
+    -- here, so each one's row (and seq) is made after the previous writer
+    -- committed: seq order is commit order. Only writers of the same key
+    -- wait; workers never take this lock.
+    IF ordering_key IS NOT NULL THEN
+        PERFORM pg_advisory_xact_lock(postbox.key_lock_class(), hashtext(ep_id::text || '/' || ordering_key));
+    END IF;
 
-    -- Wakes idle workers at commit; notifications with the same payload in one
-    -- transaction are folded into one by PostgreSQL.
-    PERFORM pg_notify('postbox_outbox', '');
+    -- Events of a disabled endpoint are kept like any other: the endpoint,
+    -- not the event, is held back until it is enabled.
+    INSERT INTO postbox.outbox (id, conversation_id, message_id, endpoint_id, payload, ordering_key)
+    VALUES (event_id, conversation_id, (msg ->> 'id')::uuid, ep_id, body, ordering_key);
+
+    -- Wakes waiting workers at commit. Only when one waits: a transaction
+    -- that notifies holds a cluster-wide lock from its commit until its WAL
+    -- is flushed, so notifying on every enqueue under a heavy load would
+    -- serialise the application's commits. Saturated workers (whose claims
+    -- come back full) are not registered: they look by themselves.
+    IF EXISTS (SELECT 1 FROM postbox.sleeping_workers) THEN
+        PERFORM postbox.wake_workers();
+    END IF;
     RETURN event_id;
 END
 $$;

@@ -18,5 +18,6 @@ WHERE id = :'id'::uuid AND status IN ('failed', 'cancelled');
 -- WHERE e.id = o.endpoint_id AND e.url = 'https://example.com/webhook'
 --   AND o.status = 'failed' AND o.created_at > now() - interval '1 day';
 
-SELECT pg_notify('postbox_outbox', '');  -- wake the workers
+-- No NOTIFY needed: an event made pending again wakes the workers by itself
+-- (trigger event_renewed, migration 0002).
 COMMIT;

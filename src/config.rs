@@ -30,6 +30,9 @@ pub struct WorkerConfig {
     pub breaker: BreakerPolicy,
     /// Default signing secrets, for endpoints without their own.
     pub signing_secret: Option<Secrets>,
+    /// Send unsigned webhooks to endpoints without their own secret when
+    /// `signing_secret` is unset. Off by default: such a worker refuses to start.
+    pub allow_unsigned: bool,
     /// HTTP client settings.
     pub client: ClientConfig,
     /// Exit once nothing is due, in flight or waiting to be recorded.
@@ -56,6 +59,7 @@ impl Default for WorkerConfig {
             retry: RetryPolicy::default(),
             breaker: BreakerPolicy::default(),
             signing_secret: None,
+            allow_unsigned: false,
             client: ClientConfig::default(),
             until_empty: false,
             retention: Some(Duration::from_secs(7 * 24 * 3600)),
@@ -134,6 +138,15 @@ impl WorkerConfig {
         if !(0.0..=0.2).contains(&self.retry.jitter) {
             return Err(ConfigError::new("POSTBOX_RETRY_JITTER", "must be between 0% and 20%"));
         }
+        // Last, so a wrong value elsewhere is named first.
+        if self.signing_secret.is_none() && !self.allow_unsigned {
+            return Err(ConfigError::new(
+                "POSTBOX_SIGNING_SECRET",
+                "is not set, so endpoints without their own secret would get unsigned webhooks: \
+                 set it (`postbox secret new` prints a fresh one), or set POSTBOX_ALLOW_UNSIGNED=true \
+                 to send unsigned webhooks on purpose",
+            ));
+        }
         Ok(())
     }
 }
@@ -206,11 +219,25 @@ mod tests {
 
     #[test]
     fn lease_must_exceed_timeout_by_five_seconds() {
-        let mut c = WorkerConfig::default();
+        let mut c = WorkerConfig {
+            allow_unsigned: true,
+            ..WorkerConfig::default()
+        };
         assert!(c.validate().is_ok());
         c.lease = Duration::from_secs(34);
         assert_eq!(c.validate().unwrap_err().var, "POSTBOX_LEASE");
         c.lease = Duration::from_secs(35);
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn unsigned_only_when_asked_for() {
+        let mut c = WorkerConfig::default();
+        assert_eq!(c.validate().unwrap_err().var, "POSTBOX_SIGNING_SECRET");
+        c.allow_unsigned = true;
+        assert!(c.validate().is_ok());
+        c.allow_unsigned = false;
+        c.signing_secret = Some(Secrets::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap());
         assert!(c.validate().is_ok());
     }
 }

@@ -30,8 +30,8 @@ pub const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 2,
-        description: "flow control",
-        sql: include_str!("../migrations/0002_flow_control.sql"),
+        description: "dispatch",
+        sql: include_str!("../migrations/0002_dispatch.sql"),
     },
     Migration {
         version: 3,

@@ -33,20 +33,16 @@ pub struct Claimed {
 
 /// Claims up to `limit` due events, honouring every endpoint's limits.
 ///
-/// The work is done by the SQL function `postbox.claim` (migration 0002),
-/// which locks the endpoints with due events (`FOR UPDATE SKIP LOCKED`, so
-/// concurrent workers never wait on each other and never account for the
-/// same endpoint at once), then, in a second statement whose snapshot sees
-/// every claim committed before those locks, gives each endpoint a budget
-/// (in-flight limit, rate window, breaker probe, fair share) and claims that
-/// many due rows with `FOR UPDATE SKIP LOCKED`: counting the attempt and
-/// moving `next_attempt_at` to the end of the lease. Once committed the rows
-/// are not due, so no other worker can claim them until the lease expires,
-/// at which point they are due again with no sweeper needed.
-///
-/// Rows whose previous holder never recorded an outcome get that lost
-/// attempt written to `postbox.attempts`; if it was their last attempt they
-/// become `failed` instead of being delivered again.
+/// The work is done by the SQL function `postbox.claim` (migration 0002,
+/// where the concurrency argument is written out; docs/dispatch.md has the
+/// invariants): it serves endpoints whose wake-up time has come or that have
+/// new events, each under its `endpoint_state` row lock (`FOR UPDATE SKIP
+/// LOCKED`, so workers never wait on each other or on applications), takes
+/// as many due events as each endpoint's limits allow, and leases them:
+/// `attempts + 1` and `next_attempt_at` moved to the lease's end, so they are
+/// not due again unless the lease expires. Rows whose previous holder never
+/// recorded an outcome get that lost attempt written to `postbox.attempts`;
+/// if it was their last attempt they become `failed` instead.
 pub async fn claim(pool: &PgPool, worker_id: &str, limit: i64, lease: Duration) -> Result<Vec<Claimed>, sqlx::Error> {
     sqlx::query_as::<_, Claimed>(
         "SELECT id, attempt, max_attempts, payload, endpoint_id, url, secret, claimed_at
@@ -59,20 +55,44 @@ pub async fn claim(pool: &PgPool, worker_id: &str, limit: i64, lease: Duration) 
     .await
 }
 
-/// True while some event is due now for an endpoint that may receive it
-/// (enabled, not paused, breaker not open): `--until-empty` keeps going
-/// until this is false, even when endpoint limits hold those events back
-/// for a while.
+/// True while something is deliverable now or soon without outside help
+/// (`postbox.has_due`, migration 0002): `--until-empty` keeps going until
+/// this is false. Events held by a disabled, paused or broken endpoint, or
+/// scheduled for later, do not keep it.
 pub async fn has_due(pool: &PgPool) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT EXISTS (
-             SELECT 1 FROM postbox.outbox o JOIN postbox.endpoints e ON e.id = o.endpoint_id
-             WHERE o.status = 'pending' AND o.next_attempt_at <= now() AND e.disabled_at IS NULL
-               AND (e.paused_until IS NULL OR e.paused_until <= now())
-               AND (e.breaker_open_until IS NULL OR e.breaker_open_until <= now()))",
+    sqlx::query_scalar("SELECT postbox.has_due()").fetch_one(pool).await
+}
+
+/// How long until a claim may find something (`postbox.next_wake`): the
+/// earliest endpoint wake-up or unnoticed event, measured in database time.
+/// `None` when nothing is scheduled at all.
+pub async fn next_wake(pool: &PgPool) -> Result<Option<Duration>, sqlx::Error> {
+    let secs: Option<f64> = sqlx::query_scalar("SELECT extract(epoch FROM postbox.next_wake())::float8")
+        .fetch_one(pool)
+        .await?;
+    Ok(secs.map(|s| Duration::from_secs_f64(s.max(0.0))))
+}
+
+/// Registers the worker as sleeping: from now on enqueues send a NOTIFY
+/// (`postbox.enqueue` notifies only while some worker sleeps).
+pub async fn asleep(pool: &PgPool, worker_id: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO postbox.sleeping_workers (worker_id) VALUES ($1)
+         ON CONFLICT (worker_id) DO UPDATE SET since = now()",
     )
-    .fetch_one(pool)
+    .bind(worker_id)
+    .execute(pool)
     .await
+    .map(drop)
+}
+
+/// The worker is busy again: enqueues need not notify it.
+pub async fn awake(pool: &PgPool, worker_id: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM postbox.sleeping_workers WHERE worker_id = $1")
+        .bind(worker_id)
+        .execute(pool)
+        .await
+        .map(drop)
 }
 
 /// What to do with a row once its attempt is over.
@@ -136,19 +156,17 @@ impl Default for BreakerPolicy {
     }
 }
 
-/// Writes a batch of outcomes in one statement: the outbox rows, the
-/// `attempts` log rows, and the endpoint state they change (410 disables,
-/// `Retry-After` pauses, the circuit breaker).
+/// Writes a batch of outcomes with `postbox.record` (migration 0002): the
+/// outbox rows, the `attempts` log rows, and the endpoint state they change
+/// (leases given back, 410 disables, `Retry-After` pauses, the circuit
+/// breaker).
 ///
 /// The fence: a row is updated only while it is still `pending`, leased by
-/// this worker, and at the attempt number this worker claimed. If the lease
-/// expired and another claim (by any worker, this one included) has since
-/// counted a new attempt, the stale outcome is dropped, so a slow worker can
-/// never overwrite a newer attempt. Returns the ids that were recorded.
-///
-/// Endpoint rows are only written when something changes for them (a
-/// failure, a 410, a pause, or the first success after failures), so healthy
-/// endpoints cost nothing here.
+/// this worker, and at the attempt number this worker claimed, so a slow
+/// worker never overwrites a newer attempt. A 2xx is recorded even late
+/// (while the row is pending or failed and no other lease runs): an
+/// acknowledged delivery is never recorded as failed. Returns the ids that
+/// were recorded.
 pub async fn record(
     pool: &PgPool,
     worker_id: &str,
@@ -186,171 +204,57 @@ pub async fn record(
         bodies.push(o.response_body.as_deref());
         pauses.push(o.pause.map_or(0.0, |d| d.as_secs_f64()));
     }
-    sqlx::query_scalar(
-        r#"
-WITH r AS (
-    SELECT * FROM unnest($2::uuid[], $3::int4[], $4::text[], $5::float8[], $6::int4[], $7::text[],
-                         $8::text[], $9::timestamptz[], $10::int4[], $11::text[], $12::float8[])
-        AS r(id, attempt, kind, delay_s, status_code, error_kind, error, started_at, duration_ms,
-             response_body, pause_s)
-), done AS (
-    UPDATE postbox.outbox o
-    SET status           = CASE r.kind WHEN 'delivered' THEN 'delivered' WHEN 'failed' THEN 'failed'
-                                       ELSE 'pending' END,
-        next_attempt_at  = CASE r.kind WHEN 'retry' THEN now() + r.delay_s * interval '1 second'
-                                       WHEN 'gone' THEN 'infinity'
-                                       ELSE o.next_attempt_at END,
-        max_attempts     = CASE WHEN r.kind = 'gone' THEN greatest(o.max_attempts, o.attempts + 1)
-                                ELSE o.max_attempts END,
-        delivered_at     = CASE WHEN r.kind = 'delivered' THEN now() ELSE o.delivered_at END,
-        locked_by        = NULL,
-        locked_until     = NULL,
-        last_status_code = r.status_code,
-        last_error       = CASE WHEN r.error_kind IS NULL THEN NULL
-                                ELSE r.error_kind || ': ' || coalesce(r.error, '') END
-    FROM r
-    WHERE o.id = r.id AND o.attempts = r.attempt AND o.locked_by = $1 AND o.status = 'pending'
-    RETURNING o.id, o.endpoint_id, r.kind, r.error_kind, r.pause_s
-), ep AS (
-    SELECT d.endpoint_id,
-           bool_or(d.kind = 'delivered') AS ok,
-           bool_or(d.kind = 'gone') AS gone,
-           count(*) FILTER (WHERE d.kind IN ('retry', 'failed') AND d.error_kind <> 'blocked')::int AS failures,
-           coalesce(array_agg(DISTINCT d.id) FILTER (WHERE d.kind IN ('retry', 'failed')
-                                                     AND d.error_kind <> 'blocked'), '{}') AS failed_ids,
-           max(d.pause_s) AS pause_s
-    FROM done d GROUP BY d.endpoint_id
-), endpoint AS (
-    UPDATE postbox.endpoints e
-    SET disabled_at        = CASE WHEN ep.gone THEN coalesce(e.disabled_at, now()) ELSE e.disabled_at END,
-        disabled_reason    = CASE WHEN ep.gone AND e.disabled_at IS NULL THEN '410 Gone'
-                                  ELSE e.disabled_reason END,
-        paused_until       = CASE WHEN ep.pause_s > 0
-                                  THEN greatest(e.paused_until, now() + ep.pause_s * interval '1 second')
-                                  ELSE e.paused_until END,
-        failure_streak     = CASE WHEN ep.ok THEN 0 ELSE e.failure_streak + ep.failures END,
-        failing_events     = CASE WHEN ep.ok THEN '{}'
-                                  ELSE coalesce((SELECT (array_agg(DISTINCT x))[1:$13]
-                                                 FROM unnest(e.failing_events || ep.failed_ids) x), '{}')
-                             END,
-        breaker_open_until = CASE
-            WHEN ep.ok THEN NULL
-            WHEN ep.failures = 0 THEN e.breaker_open_until
-            -- A failure while open (a failed probe): open again, for longer.
-            WHEN e.breaker_open_until IS NOT NULL
-                THEN now() + least(coalesce(e.breaker_cooldown, $14 * interval '1 second') * 2, $15 * interval '1 second')
-            WHEN (SELECT count(DISTINCT x) FROM unnest(e.failing_events || ep.failed_ids) x) >= $13
-                THEN now() + $14 * interval '1 second'
-            ELSE NULL END,
-        breaker_cooldown   = CASE
-            WHEN ep.ok THEN NULL
-            WHEN ep.failures = 0 THEN e.breaker_cooldown
-            WHEN e.breaker_open_until IS NOT NULL
-                THEN least(coalesce(e.breaker_cooldown, $14 * interval '1 second') * 2, $15 * interval '1 second')
-            WHEN (SELECT count(DISTINCT x) FROM unnest(e.failing_events || ep.failed_ids) x) >= $13
-                THEN $14 * interval '1 second'
-            ELSE e.breaker_cooldown END
-    FROM ep
-    WHERE e.id = ep.endpoint_id
-      AND (NOT ep.ok OR ep.gone OR ep.pause_s > 0 OR e.failure_streak > 0 OR e.breaker_open_until IS NOT NULL)
-    RETURNING e.id, ep.gone
-), parked AS (
-    UPDATE postbox.outbox o SET next_attempt_at = 'infinity'
-    WHERE o.endpoint_id IN (SELECT id FROM endpoint WHERE gone) AND o.status = 'pending' AND o.locked_by IS NULL
-      AND o.id NOT IN (SELECT id FROM done)
-), logged AS (
-    INSERT INTO postbox.attempts (outbox_id, attempt, worker_id, started_at, duration_ms, status_code,
-                                  error_kind, error, response_body)
-    SELECT r.id, r.attempt, $1, r.started_at, r.duration_ms, r.status_code, r.error_kind, r.error,
-           r.response_body
-    FROM r JOIN done ON done.id = r.id
-    ON CONFLICT (outbox_id, attempt) DO NOTHING
-)
-SELECT id FROM done
-"#,
-    )
-    .bind(worker_id)
-    .bind(ids)
-    .bind(attempts)
-    .bind(kinds)
-    .bind(delays)
-    .bind(codes)
-    .bind(error_kinds)
-    .bind(errors)
-    .bind(started)
-    .bind(durations)
-    .bind(bodies)
-    .bind(pauses)
-    .bind(i32::try_from(breaker.threshold.max(1)).unwrap_or(i32::MAX))
-    .bind(breaker.cooldown.as_secs_f64())
-    .bind(breaker.max_cooldown.as_secs_f64())
-    .fetch_all(pool)
-    .await
+    sqlx::query_scalar("SELECT postbox.record($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)")
+        .bind(worker_id)
+        .bind(ids)
+        .bind(attempts)
+        .bind(kinds)
+        .bind(delays)
+        .bind(codes)
+        .bind(error_kinds)
+        .bind(errors)
+        .bind(started)
+        .bind(durations)
+        .bind(bodies)
+        .bind(pauses)
+        .bind(i32::try_from(breaker.threshold.max(1)).unwrap_or(i32::MAX))
+        .bind(breaker.cooldown.as_secs_f64())
+        .bind(breaker.max_cooldown.as_secs_f64())
+        .fetch_all(pool)
+        .await
 }
 
 /// Gives leases back without an outcome (a delivery cut short by shutdown):
 /// the rows are due again at once and the unfinished attempt is not counted.
 pub async fn release(pool: &PgPool, worker_id: &str, leases: &[(Uuid, i32)]) -> Result<u64, sqlx::Error> {
     let (ids, attempts): (Vec<Uuid>, Vec<i32>) = leases.iter().copied().unzip();
-    let r = sqlx::query(
-        r#"
-UPDATE postbox.outbox o
-SET attempts = o.attempts - 1, locked_by = NULL, locked_until = NULL, next_attempt_at = now()
-FROM unnest($2::uuid[], $3::int4[]) AS l(id, attempt)
-WHERE o.id = l.id AND o.attempts = l.attempt AND o.locked_by = $1 AND o.status = 'pending'
-"#,
-    )
-    .bind(worker_id)
-    .bind(ids)
-    .bind(attempts)
-    .execute(pool)
-    .await?;
-    Ok(r.rows_affected())
+    let n: i32 = sqlx::query_scalar("SELECT postbox.release($1, $2, $3)")
+        .bind(worker_id)
+        .bind(ids)
+        .bind(attempts)
+        .fetch_one(pool)
+        .await?;
+    Ok(u64::try_from(n).unwrap_or(0))
 }
-
-/// Advisory lock key held while pruning ("pbprune").
-const PRUNE_LOCK: i64 = 0x0070_6270_7275_6e65;
 
 /// Deletes up to `batch` finished events created more than `older_than`
 /// ago (their attempts go with them): delivered and cancelled ones, and, when
-/// `failed_older_than` is set, failed ones. One worker prunes at a time (a
-/// transaction-level advisory lock); returns `None` when another worker is
-/// pruning, else how many events were deleted.
+/// `failed_older_than` is set, failed ones (`postbox.prune`, migration 0002:
+/// only rows still terminal when deleted). One worker prunes at a time;
+/// returns `None` when another worker is pruning, else how many events were
+/// deleted.
 pub async fn prune(
     pool: &PgPool,
     older_than: Duration,
     failed_older_than: Option<Duration>,
     batch: i64,
 ) -> Result<Option<u64>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
-        .bind(PRUNE_LOCK)
-        .fetch_one(&mut *tx)
-        .await?;
-    if !locked {
-        return Ok(None);
-    }
-    // Event ids are UUIDv7, so "created before the cut-off" is a primary-key range.
-    let mut deleted = 0;
-    let rounds = [
-        (Some(older_than), &["delivered", "cancelled"][..]),
-        (failed_older_than, &["failed"][..]),
-    ];
-    for (age, statuses) in rounds {
-        let Some(age) = age else { continue };
-        deleted += sqlx::query(
-            "DELETE FROM postbox.outbox WHERE id IN (
-                 SELECT id FROM postbox.outbox
-                 WHERE id < postbox.uuid_v7_at(now() - $1 * interval '1 second') AND status = ANY($2)
-                 LIMIT $3)",
-        )
-        .bind(age.as_secs_f64())
-        .bind(statuses)
-        .bind(batch)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-    }
-    tx.commit().await?;
-    Ok(Some(deleted))
+    let n: Option<i64> =
+        sqlx::query_scalar("SELECT postbox.prune($1 * interval '1 second', $2 * interval '1 second', $3::int)")
+            .bind(older_than.as_secs_f64())
+            .bind(failed_older_than.map(|d| d.as_secs_f64()))
+            .bind(batch)
+            .fetch_one(pool)
+            .await?;
+    Ok(n.map(|n| u64::try_from(n).unwrap_or(0)))
 }

@@ -31,6 +31,20 @@ use crate::store::{self, Claimed, Outcome, Transition};
 /// The channel `postbox.enqueue` notifies.
 pub const NOTIFY_CHANNEL: &str = "postbox_outbox";
 
+/// Outcomes written per statement, at most.
+const RECORD_BATCH: usize = 512;
+
+/// How long the recorder waits for more outcomes when it has only a few.
+const RECORD_LINGER: Duration = Duration::from_millis(2);
+
+/// While claims find events but fewer than asked for, how soon to look
+/// again (a NOTIFY may come sooner).
+const BUSY_POLL: Duration = Duration::from_millis(5);
+
+/// The shortest idle sleep: when work is due but every endpoint that has it
+/// is being claimed by another worker at that instant, look again this soon.
+const MIN_NAP: Duration = Duration::from_millis(5);
+
 /// The worker could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -126,6 +140,9 @@ struct Shared {
     in_flight: Mutex<HashMap<Uuid, i32>>,
     /// Signalled when a delivery finishes or a batch is recorded.
     progress: Notify,
+    /// Signalled when recorded outcomes scheduled events for later (retries,
+    /// releases): the idle claim loop recomputes when to look again.
+    rescheduled: Notify,
     attempts: AtomicU64,
     delivered: AtomicU64,
     failed: AtomicU64,
@@ -164,6 +181,7 @@ impl Worker {
             unrecorded: AtomicUsize::new(0),
             in_flight: Mutex::new(HashMap::new()),
             progress: Notify::new(),
+            rescheduled: Notify::new(),
             attempts: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             failed: AtomicU64::new(0),
@@ -185,77 +203,134 @@ impl Worker {
         let slots = Arc::new(Semaphore::new(self.config.concurrency));
         let mut tasks = JoinSet::new();
         let mut errors = 0u32;
+        // Whether a claim may find something: at start, after a NOTIFY, an
+        // outcome that rescheduled events, the idle deadline, or a claim that
+        // came back full. Cleared by a claim that found less than it asked.
+        let mut work = true;
+        // While idle: when to look again (the earliest wake-up the database
+        // knows of, capped by the poll interval).
+        let mut deadline = Instant::now();
+        // Whether this worker is registered in postbox.sleeping_workers (so
+        // enqueues notify it). It is, unless it is saturated: then it claims
+        // again as soon as slots free up, and the enqueues that keep it busy
+        // need not take the lock a NOTIFY takes at commit.
+        let mut sleeping = false;
         loop {
             if *stop.borrow() {
                 break;
             }
             while tasks.try_join_next().is_some() {}
             let free = slots.available_permits();
-            if free == 0 {
-                tokio::select! {
-                    _ = shared.progress.notified() => {}
-                    _ = stop.changed() => {}
-                }
-                continue;
-            }
-            let want = free.min(self.config.batch_size);
-            let claimed = store::claim(&self.pool, &self.config.worker_id, want as i64, self.config.lease).await;
-            let rows = match claimed {
-                Ok(rows) => {
-                    errors = 0;
-                    rows
-                }
-                Err(e) => {
-                    errors = errors.saturating_add(1);
-                    let delay = reconnect_delay(errors);
-                    warn!(error = %e, retry_in = ?delay, "claim failed; the database may be away");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = stop.changed() => {}
+            // Claim in batches: while deliveries are running, wait until a
+            // quarter of the slots (or of the batch size) is free, so that a
+            // busy worker makes a few large claims rather than many small ones.
+            let refill = (self.config.batch_size.min(self.config.concurrency) / 4).max(1);
+            let slots_ready = free > 0 && (free >= refill || free == self.config.concurrency);
+            if work && slots_ready {
+                let want = free.min(self.config.batch_size);
+                let claimed = store::claim(&self.pool, &self.config.worker_id, want as i64, self.config.lease).await;
+                let rows = match claimed {
+                    Ok(rows) => {
+                        errors = 0;
+                        rows
                     }
+                    Err(e) => {
+                        errors = errors.saturating_add(1);
+                        let delay = reconnect_delay(errors);
+                        warn!(error = %e, retry_in = ?delay, "claim failed; the database may be away");
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => {}
+                            _ = stop.changed() => {}
+                        }
+                        continue;
+                    }
+                };
+                let got = rows.len();
+                if got > 0 {
+                    metrics::histogram!("postbox_claim_batch_size").record(got as f64);
+                }
+                let claimed_at = Instant::now();
+                for row in rows {
+                    let Ok(permit) = slots.clone().try_acquire_owned() else {
+                        // More rows than free slots would be a claim bug; give the lease back.
+                        warn!(event_id = %row.id, "claimed more events than free slots; releasing one");
+                        shared.unrecorded.fetch_add(1, Ordering::SeqCst);
+                        let _ = shared.records.send(Record::Release(row.id, row.attempt));
+                        continue;
+                    };
+                    shared
+                        .in_flight
+                        .lock()
+                        .expect("in-flight map")
+                        .insert(row.id, row.attempt);
+                    tasks.spawn(deliver(shared.clone(), row, claimed_at, permit));
+                }
+                // A full claim may have left more behind: claim again as soon
+                // as slots allow.
+                work = got >= want;
+                if got > 0 {
+                    // Saturated (a full claim): enqueues need not notify this
+                    // worker, it looks by itself. Otherwise keep receiving
+                    // NOTIFYs, and look again shortly in any case.
+                    if sleeping && work {
+                        sleeping = false;
+                        let _ = store::awake(&self.pool, &self.config.worker_id).await;
+                    }
+                    deadline = Instant::now() + BUSY_POLL;
                     continue;
                 }
-            };
-            let got = rows.len();
-            if got > 0 {
-                metrics::histogram!("postbox_claim_batch_size").record(got as f64);
-            }
-            let claimed_at = Instant::now();
-            for row in rows {
-                let Ok(permit) = slots.clone().try_acquire_owned() else {
-                    // More rows than free slots would be a claim bug; give the lease back.
-                    warn!(event_id = %row.id, "claimed more events than free slots; releasing one");
-                    shared.unrecorded.fetch_add(1, Ordering::SeqCst);
-                    let _ = shared.records.send(Record::Release(row.id, row.attempt));
-                    continue;
-                };
-                shared
-                    .in_flight
-                    .lock()
-                    .expect("in-flight map")
-                    .insert(row.id, row.attempt);
-                tasks.spawn(deliver(shared.clone(), row, claimed_at, permit));
-            }
-            // A claim serves a few endpoints at a time: while it finds work,
-            // claim again at once for the rest.
-            if got > 0 {
+                if self.config.until_empty
+                    && slots.available_permits() == self.config.concurrency
+                    && shared.unrecorded.load(Ordering::SeqCst) == 0
+                    && !store::has_due(&self.pool).await.unwrap_or(true)
+                {
+                    info!("nothing due or in flight; exiting (--until-empty)");
+                    break;
+                }
+                // Nothing to claim: register as sleeping, so that enqueues
+                // send a NOTIFY, look once more (for an event committed just
+                // before), and sleep until the earliest wake-up the database
+                // knows of (a retry, the end of a pause or of a breaker's
+                // cool-down, a lease that may expire), capped by the poll
+                // interval, or until told.
+                if !sleeping {
+                    sleeping = store::asleep(&self.pool, &self.config.worker_id).await.is_ok();
+                    work = true;
+                } else {
+                    let nap = match store::next_wake(&self.pool).await {
+                        Ok(Some(d)) => d.clamp(MIN_NAP, self.config.poll_interval.max(MIN_NAP)),
+                        Ok(None) | Err(_) => self.config.poll_interval,
+                    };
+                    deadline = Instant::now() + nap;
+                }
                 continue;
             }
-            if self.config.until_empty
-                && slots.available_permits() == self.config.concurrency
-                && shared.unrecorded.load(Ordering::SeqCst) == 0
-                && !store::has_due(&self.pool).await.unwrap_or(true)
-            {
-                info!("nothing due or in flight; exiting (--until-empty)");
-                break;
-            }
-            // A finished delivery frees a slot of its endpoint: try again.
+            // Waiting for free slots (work to do) or for news (idle).
+            let until = if work {
+                Instant::now() + self.config.poll_interval
+            } else {
+                deadline
+            };
             tokio::select! {
-                _ = wake.notified() => {}
-                _ = shared.progress.notified() => {}
-                _ = tokio::time::sleep(self.config.poll_interval) => {}
+                _ = wake.notified() => work = true,
+                _ = shared.rescheduled.notified() => work = true,
+                _ = tokio::time::sleep_until(until) => work = true,
+                _ = shared.progress.notified() => {
+                    // --until-empty: once the last outcome is written, look
+                    // (and exit if nothing is due).
+                    if self.config.until_empty
+                        && slots.available_permits() == self.config.concurrency
+                        && shared.unrecorded.load(Ordering::SeqCst) == 0
+                    {
+                        work = true;
+                    }
+                }
                 _ = stop.changed() => {}
             }
+        }
+
+        if sleeping {
+            let _ = store::awake(&self.pool, &self.config.worker_id).await;
         }
 
         // Shutdown: let deliveries finish within the grace period.
@@ -432,8 +507,19 @@ async fn record_loop(pool: PgPool, shared: Arc<Shared>, mut rx: mpsc::UnboundedR
     let weak = Arc::downgrade(&shared);
     drop(shared);
     let mut fenced_total = 0u64;
-    let mut batch = Vec::with_capacity(512);
-    while rx.recv_many(&mut batch, 512).await > 0 {
+    let mut batch = Vec::with_capacity(RECORD_BATCH);
+    while rx.recv_many(&mut batch, RECORD_BATCH).await > 0 {
+        // Linger a moment for more: one statement (and one commit) for many
+        // outcomes. Delivery is not delayed by this; only the bookkeeping is.
+        if batch.len() < RECORD_BATCH / 8 {
+            tokio::time::sleep(RECORD_LINGER).await;
+            while batch.len() < RECORD_BATCH {
+                match rx.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
+            }
+        }
         let n = batch.len();
         let mut outcomes = Vec::with_capacity(n);
         let mut releases = Vec::new();
@@ -443,6 +529,8 @@ async fn record_loop(pool: PgPool, shared: Arc<Shared>, mut rx: mpsc::UnboundedR
                 Record::Release(id, attempt) => releases.push((id, attempt)),
             }
         }
+        let rescheduled =
+            !releases.is_empty() || outcomes.iter().any(|o| !matches!(o.transition, Transition::Delivered));
         if !outcomes.is_empty() {
             let write = || store::record(&pool, &worker_id, &outcomes, &breaker);
             match write.retry(db_backoff()).when(is_transient).notify(log_retry).await {
@@ -483,6 +571,9 @@ async fn record_loop(pool: PgPool, shared: Arc<Shared>, mut rx: mpsc::UnboundedR
         if let Some(s) = weak.upgrade() {
             s.unrecorded.fetch_sub(n, Ordering::SeqCst);
             s.progress.notify_one();
+            if rescheduled {
+                s.rescheduled.notify_one();
+            }
         }
     }
     fenced_total

@@ -82,7 +82,16 @@ async fn wait_all_delivered(pool: &PgPool, n: usize, limit: Duration) {
         if matches!(done, Ok(d) if d as usize == n) {
             return;
         }
-        assert!(start.elapsed() < limit, "not all delivered within {limit:?}: {done:?}");
+        if start.elapsed() >= limit {
+            let states: Vec<(String, i64)> = sqlx::query_as(
+                "SELECT postbox.event_state(o), count(*) FROM postbox.outbox o
+                 WHERE status <> 'delivered' GROUP BY 1 ORDER BY 2 DESC LIMIT 10",
+            )
+            .fetch_all(pool)
+            .await
+            .unwrap_or_default();
+            panic!("not all delivered within {limit:?}: {done:?}; the others: {states:?}");
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

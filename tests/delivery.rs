@@ -232,7 +232,14 @@ async fn private_destinations_are_blocked_by_default() {
             ("failed".into(), 1),
             "blocked fails at once, without a retry storm"
         );
-        assert_eq!(attempts_of(&db.pool, id).await[0].2.as_deref(), Some("blocked"));
+        let log = attempts_of(&db.pool, id).await;
+        assert_eq!(log[0].2.as_deref(), Some("blocked"));
+        let why = log[0].3.as_deref().unwrap_or_default();
+        assert!(
+            (why.contains("POSTBOX_ALLOWED_NETWORKS=127.0.0.1/32") || why.contains("POSTBOX_ALLOWED_NETWORKS=::1/128"))
+                && why.contains("POSTBOX_ALLOW_PRIVATE_NETWORKS"),
+            "the error names the settings that would allow it: {why}"
+        );
     }
 }
 
@@ -269,12 +276,8 @@ async fn gone_disables_the_endpoint_and_keeps_events() {
         .await
         .unwrap();
     assert_eq!(pending, 3, "events are kept");
-    // Re-enable as `postbox endpoint enable` does.
+    // Re-enable with plain SQL: nothing else is needed.
     sqlx::query("UPDATE postbox.endpoints SET disabled_at = NULL")
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    sqlx::query("UPDATE postbox.outbox SET next_attempt_at = now() WHERE next_attempt_at = 'infinity'")
         .execute(&db.pool)
         .await
         .unwrap();
@@ -317,30 +320,91 @@ async fn endpoint_secrets_override_the_default_and_rotate() {
     assert!(bad.is_err(), "a malformed secret is refused by the table");
 }
 
-/// A response body over 64 KiB is not read past the cap and counts as a failed attempt.
+/// The status decides: a 2xx with a 10 MiB body is delivered at the first attempt (its first 4 KiB
+/// kept), while a 500 with such a body is a failed attempt (`body_too_large`) and is retried.
 #[tokio::test]
-async fn oversized_response_body_is_a_failure() {
+async fn oversized_response_body_does_not_decide_the_outcome() {
     let db = TestDb::new().await;
-    let receiver = Receiver::start(Arc::new(|n, _| {
-        if n == 1 {
-            Reply::status(200).body("x".repeat(10 << 20))
-        } else {
-            Reply::status(200).body("ok")
+    let receiver = Receiver::start(Arc::new(|_, hit: &Hit| {
+        let big = "x".repeat(10 << 20);
+        match hit.json()["data"]["content"].as_str() {
+            Some("accepted") => Reply::status(200).body(big),
+            _ => Reply::status(500).body(big),
         }
     }))
     .await;
-    let id = enqueue_many(&db.pool, &receiver.url, 1).await[0];
-    spawn_and_wait(&db.pool, config(), id).await;
+    let mut tx = db.pool.begin().await.unwrap();
+    let accepted = postbox::enqueue(&mut tx, &receiver.url, &event("accepted"))
+        .await
+        .unwrap();
+    let refused = postbox::enqueue(&mut tx, &receiver.url, &event("refused"))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    sqlx::query("UPDATE postbox.outbox SET max_attempts = 2 WHERE id = $1")
+        .bind(refused)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    spawn_and_wait(&db.pool, config(), refused).await;
+    wait_until(
+        &db.pool,
+        &format!("SELECT count(*) FROM postbox.outbox WHERE id = '{accepted}' AND status = 'delivered'"),
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    let log = attempts_of(&db.pool, accepted).await;
+    assert_eq!(log.len(), 1, "delivered at the first attempt: {log:?}");
+    assert_eq!((log[0].1, log[0].2.as_deref()), (Some(200), None));
+    let stored: String = sqlx::query_scalar("SELECT response_body FROM postbox.attempts WHERE outbox_id = $1")
+        .bind(accepted)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, "x".repeat(4096), "the first 4 KiB are kept");
+    assert_eq!(row(&db.pool, refused).await, ("failed".to_string(), 2));
+    let log = attempts_of(&db.pool, refused).await;
+    assert!(
+        log.iter()
+            .all(|a| a.1 == Some(500) && a.2.as_deref() == Some("body_too_large")),
+        "{log:?}"
+    );
+}
+
+/// A 2xx whose body stalls, or is shorter than it declared, is still delivered once.
+#[tokio::test]
+async fn accepted_response_with_a_stalled_body_is_delivered() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let db = TestDb::new().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = requests.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                let _ = sock.read(&mut buf).await;
+                let _ = sock
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\naccepted")
+                    .await;
+                // Never sends the rest, and keeps the connection open.
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            });
+        }
+    });
+    let id = enqueue_many(&db.pool, &url, 1).await[0];
+    let mut c = config();
+    c.client.request_timeout = Duration::from_secs(1);
+    c.lease = Duration::from_secs(6);
+    spawn_and_wait(&db.pool, c, id).await;
+    assert_eq!(row(&db.pool, id).await, ("delivered".to_string(), 1));
+    assert_eq!(requests.load(std::sync::atomic::Ordering::SeqCst), 1);
     let log = attempts_of(&db.pool, id).await;
-    assert_eq!(log[0].2.as_deref(), Some("body_too_large"));
-    assert_eq!(log[1].2, None);
-    let stored: Option<String> =
-        sqlx::query_scalar("SELECT response_body FROM postbox.attempts WHERE outbox_id = $1 AND attempt = 2")
-            .bind(id)
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
-    assert_eq!(stored.as_deref(), Some("ok"));
+    assert_eq!((log[0].1, log[0].2.as_deref()), (Some(200), None), "{log:?}");
 }
 
 /// At most 4 KiB of a response body is stored.
@@ -401,20 +465,24 @@ async fn stale_outcomes_are_fenced() {
         .unwrap();
     let b = claim(&db.pool, "worker-b", 10, lease).await.unwrap();
     assert_eq!(b[0].attempt, 2);
-    let outcome = |attempt| Outcome {
+    let outcome = |attempt, status: u16| Outcome {
         id,
         attempt,
-        transition: Transition::Delivered,
+        transition: if status == 200 {
+            Transition::Delivered
+        } else {
+            Transition::Retry(Duration::from_secs(4))
+        },
         started_at: chrono::Utc::now(),
         duration: Duration::from_millis(5),
-        status_code: Some(200),
-        error_kind: None,
+        status_code: Some(i32::from(status)),
+        error_kind: (status != 200).then_some("http_status"),
         error: None,
         response_body: None,
         pause: None,
     };
     assert!(
-        record(&db.pool, "worker-a", &[outcome(1)], &Default::default())
+        record(&db.pool, "worker-a", &[outcome(1, 500)], &Default::default())
             .await
             .unwrap()
             .is_empty(),
@@ -422,7 +490,7 @@ async fn stale_outcomes_are_fenced() {
     );
     assert_eq!(row(&db.pool, id).await, ("pending".into(), 2));
     assert_eq!(
-        record(&db.pool, "worker-b", &[outcome(2)], &Default::default())
+        record(&db.pool, "worker-b", &[outcome(2, 200)], &Default::default())
             .await
             .unwrap(),
         vec![id]

@@ -167,6 +167,22 @@ async fn oversized_payload_is_refused() {
     assert_eq!(outbox_count(&db.pool).await, 1);
 }
 
+/// An ordering key longer than 256 characters is refused with an error naming the field, not a raw index error.
+#[tokio::test]
+async fn long_ordering_key_is_refused() {
+    let db = TestDb::new().await;
+    let enqueue = |key: String| {
+        sqlx::query_scalar::<_, Uuid>("SELECT postbox.enqueue('https://example.com/h', gen_random_uuid(), $1, $2)")
+            .bind(valid_data())
+            .bind(key)
+            .fetch_one(&db.pool)
+    };
+    let err = enqueue("k".repeat(5000)).await.unwrap_err().to_string();
+    assert!(err.contains("invalid ordering_key") && err.contains("256"), "{err}");
+    assert_eq!(outbox_count(&db.pool).await, 0);
+    assert!(enqueue("k".repeat(256)).await.is_ok());
+}
+
 /// The stored row copies ids from the payload and builds the seed's body.
 #[tokio::test]
 async fn row_and_payload_follow_the_seed() {

@@ -249,6 +249,14 @@ async fn raw_receiver(head: Vec<u8>, body: Vec<u8>, pace: Option<Duration>) -> S
 async fn hostile_receivers_are_cut_off() {
     let db = TestDb::new().await;
     let drip = raw_receiver(
+        b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 1000\r\n\r\n".to_vec(),
+        vec![b'x'; 1000],
+        Some(Duration::from_millis(500)),
+    )
+    .await;
+    // The same drip after a 2xx: cut off at the deadline too, and the status
+    // alone decides (SPEC §6), so the event is delivered.
+    let drip_ok = raw_receiver(
         b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n".to_vec(),
         vec![b'x'; 1000],
         Some(Duration::from_millis(500)),
@@ -270,7 +278,7 @@ async fn hostile_receivers_are_cut_off() {
     let silent = raw_receiver(vec![], vec![], None).await;
     let ids: Vec<Uuid> = {
         let mut v = Vec::new();
-        for u in [&drip, &huge_headers, &gzip, &silent] {
+        for u in [&drip, &huge_headers, &gzip, &silent, &drip_ok] {
             v.push(enqueue_bulk(&db.pool, u, 1, None).await[0]);
         }
         v
@@ -300,6 +308,13 @@ async fn hostile_receivers_are_cut_off() {
     );
     assert_eq!(kinds[2], None, "the compressed body is not inflated: {:?}", kinds[2]);
     assert_eq!(kinds[3].as_deref(), Some("timeout"), "never answers");
+    assert_eq!(kinds[4], None, "a 2xx whose body drips is delivered");
+    let status: String = sqlx::query_scalar("SELECT status FROM postbox.outbox WHERE id = $1")
+        .bind(ids[4])
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(status, "delivered");
     let stored: Option<i32> =
         sqlx::query_scalar("SELECT length(response_body) FROM postbox.attempts WHERE outbox_id = $1")
             .bind(ids[2])

@@ -21,8 +21,6 @@ fn enqueue_failure(e: EnqueueError) -> Failure {
 /// `postbox enqueue`: one test message event (the seed's "manual testing").
 #[derive(Debug, clap::Args)]
 pub struct EnqueueArgs {
-    #[command(flatten)]
-    db: DbArgs,
     /// The callback URL.
     #[arg(long)]
     url: String,
@@ -64,7 +62,7 @@ pub struct EnqueueArgs {
     count: u32,
 }
 
-pub async fn enqueue(a: EnqueueArgs) -> Result<(), Failure> {
+pub async fn enqueue(a: EnqueueArgs, db: &DbArgs) -> Result<(), Failure> {
     let metadata = match &a.metadata {
         None => None,
         Some(s) => match serde_json::from_str::<serde_json::Value>(s) {
@@ -73,7 +71,7 @@ pub async fn enqueue(a: EnqueueArgs) -> Result<(), Failure> {
         },
     };
     postbox::enqueue::check_callback_url(&a.url).map_err(enqueue_failure)?;
-    let pool = a.db.connect(1).await?;
+    let pool = db.connect(1).await?;
     let mut tx = pool.begin().await?;
     let conversation_id = a.conversation_id.unwrap_or_else(Uuid::now_v7);
     for i in 0..a.count {
@@ -113,15 +111,13 @@ pub async fn enqueue(a: EnqueueArgs) -> Result<(), Failure> {
 /// `postbox status`.
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
-    #[command(flatten)]
-    db: DbArgs,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
 }
 
-pub async fn status(a: StatusArgs) -> Result<(), Failure> {
-    let pool = a.db.connect(1).await?;
+pub async fn status(a: StatusArgs, db: &DbArgs) -> Result<(), Failure> {
+    let pool = db.connect(1).await?;
     let counts = sqlx::query(
         "SELECT s.status, count(o.id) AS n,
                 extract(epoch FROM now() - min(o.created_at))::float8 AS oldest_s
@@ -133,20 +129,17 @@ pub async fn status(a: StatusArgs) -> Result<(), Failure> {
     .await?;
     let endpoints = sqlx::query(
         "SELECT e.id, e.url, e.disabled_at IS NOT NULL AS disabled,
-                CASE WHEN e.disabled_at IS NOT NULL THEN 'disabled'
-                     WHEN e.breaker_open_until > now() THEN 'open'
-                     WHEN e.breaker_open_until IS NOT NULL THEN 'probing'
-                     WHEN e.paused_until > now() THEN 'paused'
-                     ELSE 'closed' END AS state,
+                postbox.endpoint_state_words(e, s) AS state,
                 count(a.*) FILTER (WHERE a.error_kind IS NOT NULL) AS failed_attempts,
                 count(a.*) AS attempts,
                 (SELECT o.last_error FROM postbox.outbox o WHERE o.endpoint_id = e.id AND o.last_error IS NOT NULL
                  ORDER BY o.last_attempt_at DESC NULLS LAST LIMIT 1) AS last_error
          FROM postbox.endpoints e
+         JOIN postbox.endpoint_state s ON s.endpoint_id = e.id
          LEFT JOIN postbox.outbox o ON o.endpoint_id = e.id
          LEFT JOIN postbox.attempts a ON a.outbox_id = o.id AND a.started_at > now() - interval '1 hour'
-         GROUP BY e.id
-         HAVING e.disabled_at IS NOT NULL OR e.breaker_open_until IS NOT NULL
+         GROUP BY e.id, s.endpoint_id
+         HAVING e.disabled_at IS NOT NULL OR s.breaker_open_until IS NOT NULL
              OR count(a.*) FILTER (WHERE a.error_kind IS NOT NULL) > 0
          ORDER BY failed_attempts DESC, e.id",
     )
@@ -194,22 +187,17 @@ pub async fn status(a: StatusArgs) -> Result<(), Failure> {
     } else {
         println!("\nfailing endpoints (last hour):");
         println!(
-            "{:>5}  {:<8} {:>9}  {:<40}  last error",
-            "id", "breaker", "failed", "url"
+            "{:>5}  {:>9}  {:<40}  {:<40}  last error",
+            "id", "failed", "url", "state"
         );
         for r in &endpoints {
-            let state = if r.get::<bool, _>("disabled") {
-                "disabled"
-            } else {
-                "enabled"
-            };
             println!(
-                "{:>5}  {:<8} {:>4}/{:<4}  {:<40}  {}",
+                "{:>5}  {:>4}/{:<4}  {:<40}  {:<40}  {}",
                 r.get::<i64, _>("id"),
-                state,
                 r.get::<i64, _>("failed_attempts"),
                 r.get::<i64, _>("attempts"),
                 r.get::<String, _>("url"),
+                r.get::<String, _>("state"),
                 r.get::<Option<String>, _>("last_error").unwrap_or_default()
             );
         }
@@ -220,8 +208,6 @@ pub async fn status(a: StatusArgs) -> Result<(), Failure> {
 /// `postbox replay`: put events back to `pending` with fresh attempts.
 #[derive(Debug, clap::Args)]
 pub struct ReplayArgs {
-    #[command(flatten)]
-    db: DbArgs,
     /// Only these event ids (repeatable).
     #[arg(long = "id")]
     ids: Vec<Uuid>,
@@ -254,7 +240,7 @@ const REPLAY_FILTER: &str = "o.status = $1
     AND ($4::timestamptz IS NULL OR o.created_at >= $4)
     AND ($5::timestamptz IS NULL OR o.created_at < $5)";
 
-pub async fn replay(a: ReplayArgs) -> Result<(), Failure> {
+pub async fn replay(a: ReplayArgs, db: &DbArgs) -> Result<(), Failure> {
     if !["failed", "cancelled", "delivered"].contains(&a.status.as_str()) {
         return Err(usage("--status", "must be failed, cancelled or delivered"));
     }
@@ -264,7 +250,7 @@ pub async fn replay(a: ReplayArgs) -> Result<(), Failure> {
     if a.batch < 1 {
         return Err(usage("--batch", "must be at least 1"));
     }
-    let pool = a.db.connect(1).await?;
+    let pool = db.connect(1).await?;
     let endpoint_id = match &a.endpoint {
         None => None,
         Some(e) => Some(find_endpoint(&pool, e).await?),
@@ -291,6 +277,8 @@ pub async fn replay(a: ReplayArgs) -> Result<(), Failure> {
              delivered_at = NULL, locked_by = NULL, locked_until = NULL
          FROM batch WHERE o.id = batch.id"
     );
+    // Progress on a terminal only: logs get the summary line alone.
+    let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut done = 0i64;
     loop {
         let mut tx = pool.begin().await?;
@@ -305,17 +293,17 @@ pub async fn replay(a: ReplayArgs) -> Result<(), Failure> {
             .execute(&mut *tx)
             .await?
             .rows_affected() as i64;
-        sqlx::query("SELECT pg_notify('postbox_outbox', '')")
-            .execute(&mut *tx)
-            .await?;
+        // (trigger event_renewed marks them for the claims and wakes the workers)
         tx.commit().await?;
         done += n;
         if n == 0 {
             break;
         }
-        eprint!("\rreplayed {done}/{count}");
+        if progress {
+            eprint!("\rreplayed {done}/{count}");
+        }
     }
-    if done > 0 {
+    if progress && done > 0 {
         eprintln!();
     }
     println!("replayed {done} event(s)");
@@ -343,8 +331,6 @@ async fn find_endpoint(pool: &sqlx::PgPool, key: &str) -> Result<i64, Failure> {
 /// `postbox endpoint`.
 #[derive(Debug, clap::Args)]
 pub struct EndpointArgs {
-    #[command(flatten)]
-    db: DbArgs,
     #[command(subcommand)]
     action: EndpointAction,
 }
@@ -370,9 +356,16 @@ enum EndpointAction {
     Set {
         /// URL or id.
         endpoint: String,
-        /// Signing secret(s), `whsec_…`, space separated.
-        #[arg(long, conflicts_with = "default_secret")]
+        /// Signing secret(s), `whsec_…`, space separated. Visible to `ps` and
+        /// shell history: prefer --secret-file or --secret-env.
+        #[arg(long, conflicts_with_all = ["default_secret", "secret_file", "secret_env"])]
         secret: Option<String>,
+        /// Read the secret(s) from this file (`-` reads standard input).
+        #[arg(long, conflicts_with_all = ["default_secret", "secret_env"])]
+        secret_file: Option<String>,
+        /// Read the secret(s) from this environment variable.
+        #[arg(long, value_name = "VAR", conflicts_with = "default_secret")]
+        secret_env: Option<String>,
         /// Use the workers' default secret.
         #[arg(long)]
         default_secret: bool,
@@ -385,28 +378,23 @@ enum EndpointAction {
     },
 }
 
-pub async fn endpoint(a: EndpointArgs) -> Result<(), Failure> {
-    let pool = a.db.connect(1).await?;
+pub async fn endpoint(a: EndpointArgs, db: &DbArgs) -> Result<(), Failure> {
+    let pool = db.connect(1).await?;
     match a.action {
         EndpointAction::List => {
             let rows = sqlx::query(
                 "SELECT e.id, e.url, e.max_in_flight, e.rate_per_minute, e.secret IS NOT NULL AS own_secret,
-                        CASE WHEN e.breaker_open_until > now() THEN 'open'
-                             WHEN e.breaker_open_until IS NOT NULL THEN 'probing'
-                             WHEN e.paused_until > now() THEN 'paused' ELSE 'closed' END AS breaker,
-                        e.disabled_at, e.disabled_reason,
+                        postbox.endpoint_state_words(e, s) AS state, e.disabled_at, e.disabled_reason,
                         (SELECT count(*) FROM postbox.outbox o WHERE o.endpoint_id = e.id AND o.status = 'pending') AS pending
-                 FROM postbox.endpoints e ORDER BY e.id",
+                 FROM postbox.endpoints e JOIN postbox.endpoint_state s ON s.endpoint_id = e.id ORDER BY e.id",
             )
             .fetch_all(&pool)
             .await?;
             println!(
-                "{:>5}  {:<9} {:<8} {:>8} {:>9} {:>8}  {:<7}  url",
-                "id", "state", "breaker", "pending", "in-flight", "rate/min", "secret"
+                "{:>5}  {:>8} {:>9} {:>8}  {:<7}  {:<40}  state",
+                "id", "pending", "in-flight", "rate/min", "secret", "url"
             );
             for r in rows {
-                let disabled: Option<DateTime<Utc>> = r.get("disabled_at");
-                let state = if disabled.is_some() { "disabled" } else { "enabled" };
                 let rate = r
                     .get::<Option<i32>, _>("rate_per_minute")
                     .map_or("unlimited".to_string(), |n| n.to_string());
@@ -415,80 +403,63 @@ pub async fn endpoint(a: EndpointArgs) -> Result<(), Failure> {
                 } else {
                     "default"
                 };
-                print!(
-                    "{:>5}  {:<9} {:<8} {:>8} {:>9} {:>8}  {:<7}  {}",
+                println!(
+                    "{:>5}  {:>8} {:>9} {:>8}  {:<7}  {:<40}  {}",
                     r.get::<i64, _>("id"),
-                    state,
-                    r.get::<String, _>("breaker"),
                     r.get::<i64, _>("pending"),
                     r.get::<i32, _>("max_in_flight"),
                     rate,
                     secret,
-                    r.get::<String, _>("url")
+                    r.get::<String, _>("url"),
+                    r.get::<String, _>("state"),
                 );
-                if let (Some(at), Some(why)) = (disabled, r.get::<Option<String>, _>("disabled_reason")) {
-                    print!("  ({why} at {})", at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
-                }
-                println!();
             }
         }
         EndpointAction::Disable { endpoint, reason } => {
             let id = find_endpoint(&pool, &endpoint).await?;
-            let mut tx = pool.begin().await?;
-            sqlx::query("UPDATE postbox.endpoints SET disabled_at = coalesce(disabled_at, now()), disabled_reason = $2 WHERE id = $1")
-                .bind(id)
-                .bind(&reason)
-                .execute(&mut *tx)
-                .await?;
-            let parked = sqlx::query(
-                "UPDATE postbox.outbox SET next_attempt_at = 'infinity'
-                 WHERE endpoint_id = $1 AND status = 'pending' AND locked_by IS NULL",
+            // The endpoint, not its events, is held: nothing else to change.
+            sqlx::query(
+                "UPDATE postbox.endpoints SET disabled_at = coalesce(disabled_at, now()), disabled_reason = $2
+                 WHERE id = $1",
             )
             .bind(id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            tx.commit().await?;
-            println!("endpoint {id} disabled; {parked} pending event(s) kept until it is enabled");
+            .bind(&reason)
+            .execute(&pool)
+            .await?;
+            println!("endpoint {id} disabled; its pending events are kept until it is enabled");
         }
         EndpointAction::Enable { endpoint } => {
             let id = find_endpoint(&pool, &endpoint).await?;
             let mut tx = pool.begin().await?;
-            // Enabling means "deliver now": also close the breaker and end any pause.
+            // Enabling means "deliver now": also end any pause and close the
+            // breaker. Triggers wake the endpoint (migration 0002).
+            sqlx::query("UPDATE postbox.endpoints SET disabled_at = NULL, disabled_reason = NULL WHERE id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
             sqlx::query(
-                "UPDATE postbox.endpoints
-                 SET disabled_at = NULL, disabled_reason = NULL, paused_until = NULL, breaker_open_until = NULL,
-                     breaker_cooldown = NULL, failure_streak = 0, failing_events = '{}'
-                 WHERE id = $1",
+                "UPDATE postbox.endpoint_state
+                 SET paused_until = NULL, breaker_open_until = NULL, breaker_cooldown = NULL,
+                     failing_events = '{}', probe_event = NULL, probe_until = NULL
+                 WHERE endpoint_id = $1",
             )
             .bind(id)
             .execute(&mut *tx)
             .await?;
-            let resumed = sqlx::query(
-                "UPDATE postbox.outbox SET next_attempt_at = now()
-                 WHERE endpoint_id = $1 AND status = 'pending' AND next_attempt_at = 'infinity'",
-            )
-            .bind(id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            sqlx::query("SELECT pg_notify('postbox_outbox', '')")
-                .execute(&mut *tx)
-                .await?;
             tx.commit().await?;
-            println!("endpoint {id} enabled; {resumed} pending event(s) due now");
+            println!("endpoint {id} enabled");
         }
         EndpointAction::Set {
             endpoint,
             secret,
+            secret_file,
+            secret_env,
             default_secret,
             max_in_flight,
             rate_per_minute,
         } => {
             let id = find_endpoint(&pool, &endpoint).await?;
-            if let Some(s) = &secret {
-                postbox::delivery::Secrets::parse(s).map_err(|e| usage("--secret", e))?;
-            }
+            let secret = read_secret(secret, secret_file, secret_env)?;
             if max_in_flight.is_some_and(|n| n < 1) {
                 return Err(usage("--max-in-flight", "must be at least 1"));
             }
@@ -527,6 +498,53 @@ pub async fn endpoint(a: EndpointArgs) -> Result<(), Failure> {
             tx.commit().await?;
             println!("endpoint {id} updated");
         }
+    }
+    Ok(())
+}
+
+/// The secret given to `endpoint set`, from the command line, a file,
+/// standard input or an environment variable, checked; surrounding
+/// whitespace (a file's final newline) is ignored.
+fn read_secret(arg: Option<String>, file: Option<String>, env: Option<String>) -> Result<Option<String>, Failure> {
+    let (flag, value) = if let Some(v) = arg {
+        eprintln!("note: a secret on the command line is visible to ps and shell history; --secret-file or --secret-env avoid that");
+        ("--secret", v)
+    } else if let Some(path) = file {
+        let read = if path == "-" {
+            std::io::read_to_string(std::io::stdin())
+        } else {
+            std::fs::read_to_string(&path)
+        };
+        let v = read.map_err(|e| usage("--secret-file", format!("cannot read {path}: {e}")))?;
+        ("--secret-file", v)
+    } else if let Some(var) = env {
+        let v = std::env::var(&var)
+            .map_err(|_| usage("--secret-env", format!("the environment variable {var} is not set")))?;
+        ("--secret-env", v)
+    } else {
+        return Ok(None);
+    };
+    let value = value.split_whitespace().collect::<Vec<_>>().join(" ");
+    postbox::delivery::Secrets::parse(&value).map_err(|e| usage(flag, e))?;
+    Ok(Some(value))
+}
+
+/// `postbox secret`.
+#[derive(Debug, clap::Args)]
+pub struct SecretArgs {
+    #[command(subcommand)]
+    action: SecretAction,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum SecretAction {
+    /// Print a fresh signing secret (`whsec_` and 32 random bytes in base64).
+    New,
+}
+
+pub fn secret(a: SecretArgs) -> Result<(), Failure> {
+    match a.action {
+        SecretAction::New => println!("{}", postbox::delivery::Secrets::generate()),
     }
     Ok(())
 }

@@ -65,8 +65,6 @@ const CLOCK_TICKS: f64 = 100.0;
 pub struct BenchArgs {
     // The server the benchmark databases are created on; unset = a throwaway
     // cluster with PostgreSQL's default durability.
-    #[command(flatten)]
-    db: DbArgs,
     /// Events per drain.
     #[arg(long, default_value_t = 20_000)]
     events: u64,
@@ -180,9 +178,9 @@ impl Drain {
 // ---------------------------------------------------------------------------
 
 /// Runs every scenario, prints the results, and fails if any event was lost.
-pub async fn run(a: BenchArgs) -> Result<(), Failure> {
+pub async fn run(a: BenchArgs, db: &DbArgs) -> Result<(), Failure> {
     a.validate()?;
-    let (server_url, cluster) = server(&a.db).await?;
+    let (server_url, cluster) = server(db).await?;
     let admin = super::connect(&server_url, 2).await?;
     print_machine(&admin, cluster.is_none()).await?;
 
@@ -923,10 +921,10 @@ fn print_drains(drains: &[DrainReport]) {
     if drains.is_empty() {
         return;
     }
-    println!("\nscenario               workers  conc  events  seconds  events/s  RSS MB  dups | worker     pg   recv  bench  other");
+    println!("\nscenario               workers  conc  events  seconds  events/s  RSS MB  dups | worker     pg   recv  bench  other | pg µs/event");
     for d in drains {
         println!(
-            "{:<22} {:>7} {:>5} {:>7} {:>8.2} {:>9.0} {:>7.1} {:>5} | {}",
+            "{:<22} {:>7} {:>5} {:>7} {:>8.2} {:>9.0} {:>7.1} {:>5} | {} | {:>6.0}",
             d.label,
             d.drain.workers,
             d.drain.concurrency,
@@ -935,11 +933,13 @@ fn print_drains(drains: &[DrainReport]) {
             d.rate(),
             mb(d.peak_rss_kb),
             d.check.duplicates,
-            d.cpu.columns()
+            d.cpu.columns(),
+            d.cpu.postgres / 100.0 * d.seconds / d.events as f64 * 1e6
         );
     }
     println!("RSS: the highest VmHWM of the workers. CPU in % of one CPU: the workers together, postgres, receiver,");
-    println!("this bench process, and everything else on the machine.");
+    println!("this bench process, and everything else on the machine. pg µs/event: PostgreSQL CPU time (all its");
+    println!("processes) per delivered event.");
 }
 
 fn print_results(drains: &[DrainReport], latency: Option<&LatencyReport>) {

@@ -22,16 +22,14 @@ use super::{DbArgs, Failure};
 /// `postbox demo` settings.
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
-    #[command(flatten)]
-    db: DbArgs,
     /// How many message events to enqueue.
     #[arg(long, default_value_t = 5)]
     events: u32,
 }
 
-pub async fn run(a: DemoArgs) -> Result<(), Failure> {
+pub async fn run(a: DemoArgs, db: &DbArgs) -> Result<(), Failure> {
     let mut _cluster = None;
-    let url = match a.db.database_url.clone().filter(|u| !u.is_empty()) {
+    let url = match db.database_url.clone().filter(|u| !u.is_empty()) {
         Some(url) => url,
         None => {
             println!("1. DATABASE_URL is unset: starting a throwaway PostgreSQL…");

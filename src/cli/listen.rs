@@ -149,7 +149,13 @@ pub async fn run(a: ListenArgs) -> Result<(), Failure> {
                 Some(r) => print_received(&r),
                 None => break,
             },
-            _ = super::shutdown_signal() => break,
+            _ = super::shutdown_signal() => {
+                // Print what was received before the signal.
+                while let Ok(r) = rx.try_recv() {
+                    print_received(&r);
+                }
+                break;
+            }
         }
     }
     Ok(())

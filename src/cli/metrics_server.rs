@@ -67,7 +67,7 @@ async fn backlog_gauges(pool: PgPool) {
                      FROM postbox.outbox WHERE status = 'pending'),
                     (SELECT count(*) FROM postbox.outbox
                      WHERE status = 'pending' AND locked_by IS NOT NULL AND locked_until < now()),
-                    (SELECT count(*) FROM postbox.endpoints WHERE breaker_open_until > now()),
+                    (SELECT count(*) FROM postbox.endpoint_state WHERE breaker_open_until > now()),
                     (SELECT count(*) FROM postbox.endpoints WHERE disabled_at IS NOT NULL)",
         )
         .fetch_one(&pool)

@@ -23,6 +23,8 @@ struct Cli {
     /// Log format: text or json.
     #[arg(long, env = "POSTBOX_LOG_FORMAT", default_value = "text", global = true)]
     log_format: String,
+    #[command(flatten)]
+    db: DbArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -30,7 +32,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Apply the database migrations (idempotent).
-    Migrate(DbArgs),
+    Migrate,
     /// Deliver webhooks until SIGTERM/SIGINT.
     Worker(Box<worker::WorkerArgs>),
     /// Enqueue one test message event.
@@ -41,6 +43,8 @@ enum Command {
     Replay(admin::ReplayArgs),
     /// List, disable, enable an endpoint; set its secret and limits.
     Endpoint(admin::EndpointArgs),
+    /// Signing secrets: `secret new` prints a fresh `whsec_…`.
+    Secret(admin::SecretArgs),
     /// A local receiver for development: prints and verifies each webhook.
     Listen(listen::ListenArgs),
     /// The whole flow on one machine with no set-up.
@@ -52,11 +56,13 @@ enum Command {
     BenchReceiver(bench::ReceiverArgs),
 }
 
-/// The database connection, for every command that needs one.
+/// The database connection, for every command that needs one. It is a global
+/// option: `postbox --database-url … endpoint list` and
+/// `postbox endpoint list --database-url …` mean the same.
 #[derive(Debug, clap::Args)]
 pub struct DbArgs {
     /// PostgreSQL connection URL.
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
     pub database_url: Option<String>,
 }
 
@@ -73,8 +79,11 @@ impl DbArgs {
     }
 }
 
-/// Connects to `url` with `size` connections.
+/// Connects to `url` with `size` connections. One connection is made first,
+/// so an unreachable or misconfigured database is reported at once with its
+/// real cause, naming `DATABASE_URL` (without its password).
 pub async fn connect(url: &str, size: u32) -> Result<PgPool, Failure> {
+    use sqlx::ConnectOptions;
     let opts: PgConnectOptions = url.parse().map_err(|e| {
         Failure::Config(ConfigError::new(
             "DATABASE_URL",
@@ -82,12 +91,67 @@ pub async fn connect(url: &str, size: u32) -> Result<PgPool, Failure> {
         ))
     })?;
     let opts = opts.application_name("postbox");
+    let first = tokio::time::timeout(std::time::Duration::from_secs(10), opts.connect()).await;
+    match first {
+        Ok(Ok(conn)) => drop(conn),
+        Ok(Err(e)) => return Err(connect_failure(url, &e)),
+        Err(_) => {
+            return Err(Failure::Runtime(format!(
+                "cannot connect to the database at DATABASE_URL={}: no answer within 10s",
+                redact(url)
+            )))
+        }
+    }
     PgPoolOptions::new()
         .max_connections(size)
         .acquire_timeout(std::time::Duration::from_secs(10))
         .connect_with(opts)
         .await
-        .map_err(|e| Failure::Runtime(format!("cannot connect to the database: {e}")))
+        .map_err(|e| connect_failure(url, &e))
+}
+
+/// `url` with its password replaced by `***`.
+pub fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        Ok(u) => u.to_string(),
+        Err(_) => "(unparsable URL)".into(),
+    }
+}
+
+/// Says why a connection failed and what to check. Authentication and an
+/// unknown database are configuration errors (exit 2); an unreachable server
+/// may come back (exit 1).
+fn connect_failure(url: &str, e: &sqlx::Error) -> Failure {
+    let at = format!("DATABASE_URL={}", redact(url));
+    let code = e.as_database_error().and_then(|d| d.code()).map(|c| c.into_owned());
+    let config = |why: String| Failure::Config(ConfigError::new("DATABASE_URL", why));
+    match (code.as_deref(), e) {
+        (Some("28P01" | "28000"), _) => config(format!(
+            "authentication failed for {}: check the user and password ({e})",
+            redact(url)
+        )),
+        (Some("3D000"), _) => config(format!(
+            "names a database that does not exist ({}): create it or fix the name",
+            redact(url)
+        )),
+        (_, sqlx::Error::Io(io)) => {
+            let why = match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => {
+                    "connection refused: is PostgreSQL running and listening on that host and port?".to_string()
+                }
+                _ if io.to_string().contains("lookup") || io.to_string().contains("resolve") => {
+                    format!("unknown host ({io})")
+                }
+                _ => io.to_string(),
+            };
+            Failure::Runtime(format!("cannot connect to the database at {at}: {why}"))
+        }
+        _ => Failure::Runtime(format!("cannot connect to the database at {at}: {e}")),
+    }
 }
 
 /// How a command failed.
@@ -103,6 +167,12 @@ pub enum Failure {
 
 impl From<sqlx::Error> for Failure {
     fn from(e: sqlx::Error) -> Self {
+        let code = e.as_database_error().and_then(|d| d.code());
+        if matches!(code.as_deref(), Some("42P01" | "3F000" | "42883")) && e.to_string().contains("postbox") {
+            return Failure::Runtime(format!(
+                "database error: {e}: is the database migrated? run `postbox migrate`"
+            ));
+        }
         Failure::Runtime(format!("database error: {e}"))
     }
 }
@@ -152,7 +222,7 @@ pub fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let result = runtime.block_on(run(cli.command));
+    let result = runtime.block_on(run(cli.command, cli.db));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Config(e)) => {
@@ -170,9 +240,9 @@ pub fn main() -> ExitCode {
     }
 }
 
-async fn run(command: Command) -> Result<(), Failure> {
+async fn run(command: Command, db: DbArgs) -> Result<(), Failure> {
     match command {
-        Command::Migrate(db) => {
+        Command::Migrate => {
             let pool = db.connect(1).await?;
             let applied = postbox::migrate(&pool).await?;
             if applied.is_empty() {
@@ -185,14 +255,15 @@ async fn run(command: Command) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Command::Worker(args) => worker::run(*args).await,
-        Command::Enqueue(args) => admin::enqueue(args).await,
-        Command::Status(args) => admin::status(args).await,
-        Command::Replay(args) => admin::replay(args).await,
-        Command::Endpoint(args) => admin::endpoint(args).await,
+        Command::Worker(args) => worker::run(*args, &db).await,
+        Command::Enqueue(args) => admin::enqueue(args, &db).await,
+        Command::Status(args) => admin::status(args, &db).await,
+        Command::Replay(args) => admin::replay(args, &db).await,
+        Command::Endpoint(args) => admin::endpoint(args, &db).await,
+        Command::Secret(args) => admin::secret(args),
         Command::Listen(args) => listen::run(args).await,
-        Command::Demo(args) => demo::run(args).await,
-        Command::Bench(args) => bench::run(args).await,
+        Command::Demo(args) => demo::run(args, &db).await,
+        Command::Bench(args) => bench::run(args, &db).await,
         Command::BenchReceiver(args) => bench::receiver(args).await,
     }
 }

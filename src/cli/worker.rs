@@ -9,17 +9,20 @@ use postbox::{ConfigError, Worker, WorkerConfig};
 use super::{DbArgs, Failure};
 
 /// Worker settings. Each flag falls back to its environment variable, then
-/// to the default shown.
+/// to the default shown. Yes/no settings are switches (`--allow-http`) that
+/// also take a value (`--allow-http=false`) and read `true/false`, `1/0`,
+/// `yes/no` or `on/off` from the environment.
 #[derive(Debug, clap::Args)]
 pub struct WorkerArgs {
-    #[command(flatten)]
-    pub db: DbArgs,
     /// Exit 0 once nothing is due or in flight.
     #[arg(long)]
     pub until_empty: bool,
     /// Default signing secret(s), `whsec_…`, space separated.
     #[arg(long, env = "POSTBOX_SIGNING_SECRET", hide_env_values = true)]
     pub signing_secret: Option<String>,
+    /// Send unsigned webhooks when no default secret is set [default: false: refuse to start].
+    #[arg(long, env = "POSTBOX_ALLOW_UNSIGNED", num_args = 0..=1, default_missing_value = "true")]
+    pub allow_unsigned: Option<String>,
     /// Deliveries in flight at once in this process [default: 64].
     #[arg(long, env = "POSTBOX_CONCURRENCY")]
     pub concurrency: Option<String>,
@@ -45,10 +48,15 @@ pub struct WorkerArgs {
     #[arg(long, env = "POSTBOX_MAX_RETRY_AFTER")]
     pub max_retry_after: Option<String>,
     /// Accept plain http:// callback URLs [default: false].
-    #[arg(long, env = "POSTBOX_ALLOW_HTTP")]
+    #[arg(long, env = "POSTBOX_ALLOW_HTTP", num_args = 0..=1, default_missing_value = "true")]
     pub allow_http: Option<String>,
     /// Allow loopback, private and other non-public destinations [default: false].
-    #[arg(long, env = "POSTBOX_ALLOW_PRIVATE_NETWORKS")]
+    #[arg(
+        long,
+        env = "POSTBOX_ALLOW_PRIVATE_NETWORKS",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
     pub allow_private_networks: Option<String>,
     /// Non-public networks allowed anyway, comma-separated CIDRs.
     #[arg(long, env = "POSTBOX_ALLOWED_NETWORKS")]
@@ -168,6 +176,12 @@ impl WorkerArgs {
             &mut c.client.allow_http,
         )?;
         set(
+            &self.allow_unsigned,
+            "POSTBOX_ALLOW_UNSIGNED",
+            parse_bool,
+            &mut c.allow_unsigned,
+        )?;
+        set(
             &self.shutdown_grace,
             "POSTBOX_SHUTDOWN_GRACE",
             parse_duration,
@@ -262,10 +276,12 @@ impl WorkerArgs {
     }
 }
 
-pub async fn run(args: WorkerArgs) -> Result<(), Failure> {
+pub async fn run(args: WorkerArgs, db: &DbArgs) -> Result<(), Failure> {
     let config = args.config().map_err(Failure::Config)?;
     if config.signing_secret.is_none() {
-        tracing::warn!("POSTBOX_SIGNING_SECRET is not set: endpoints without their own secret get unsigned webhooks");
+        tracing::warn!(
+            "POSTBOX_ALLOW_UNSIGNED is on and POSTBOX_SIGNING_SECRET is not set: endpoints without their own secret get unsigned webhooks"
+        );
     }
     let metrics_addr = args
         .metrics_addr
@@ -273,7 +289,7 @@ pub async fn run(args: WorkerArgs) -> Result<(), Failure> {
         .map(|a| a.parse().expect("validated above"));
     // Claims, records and LISTEN each use one connection; one spare for
     // health checks and gauges.
-    let pool = args.db.connect(4).await?;
+    let pool = db.connect(4).await?;
     if !postbox::migrate::is_current(&pool).await? {
         return Err(Failure::Runtime(
             "the database is not migrated: run `postbox migrate` first".into(),

@@ -174,42 +174,55 @@ impl Client {
             .headers()
             .get(RETRY_AFTER)
             .and_then(|v| parse_retry_after(v, resp.headers().get(DATE)));
-        let too_large = |status| {
-            let mut r = fail(
-                ErrorKind::BodyTooLarge,
-                format!("response body over {MAX_RESPONSE_BYTES} bytes"),
-                Some(status),
-            );
-            r.retry_after = retry_after;
-            r
-        };
-        let declared = resp
+        // The status decides the outcome (SPEC §6): once a 2xx has arrived the
+        // event is delivered, whatever its body does next (too long, stalled,
+        // cut off). The body is read only for the record, at most 64 KiB of it.
+        let accepted = (200..=299).contains(&status);
+        let mut buf: Vec<u8> = Vec::new();
+        let mut over_limit = resp
             .headers()
             .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > MAX_RESPONSE_BYTES as u64) {
-            return too_large(status);
-        }
-        let mut buf: Vec<u8> = Vec::new();
-        loop {
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+            .is_some_and(|n| n > MAX_RESPONSE_BYTES as u64);
+        // A body declared too long is not read unless it is kept (a 2xx's first 4 KiB).
+        let mut reading = !over_limit || accepted;
+        while reading {
             match timeout_at(deadline, resp.chunk()).await {
+                Err(_) if accepted => break,
                 Err(_) => {
                     let mut r = fail(ErrorKind::Timeout, timeout_message(&self.config), Some(status));
                     r.body = Some(stored_text(&buf));
+                    r.retry_after = retry_after;
                     return r;
                 }
+                Ok(Err(_)) if accepted => break,
                 Ok(Err(e)) => {
                     let (kind, message) = classify(&e);
-                    return fail(kind, format!("reading the response: {message}"), Some(status));
+                    let mut r = fail(kind, format!("reading the response: {message}"), Some(status));
+                    r.retry_after = retry_after;
+                    return r;
                 }
-                Ok(Ok(None)) => break,
+                Ok(Ok(None)) => reading = false,
                 Ok(Ok(Some(chunk))) => {
-                    if buf.len() + chunk.len() > MAX_RESPONSE_BYTES {
-                        return too_large(status);
+                    let room = MAX_RESPONSE_BYTES - buf.len();
+                    buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                    if chunk.len() > room {
+                        over_limit = true;
                     }
-                    buf.extend_from_slice(&chunk);
+                    // A 2xx needs no more than what is stored.
+                    reading = !(over_limit || accepted && buf.len() >= STORED_RESPONSE_BYTES);
                 }
             }
+        }
+        if over_limit && !accepted {
+            let mut r = fail(
+                ErrorKind::BodyTooLarge,
+                format!("HTTP {status} with a response body over {MAX_RESPONSE_BYTES} bytes (not read further)"),
+                Some(status),
+            );
+            r.body = (!buf.is_empty()).then(|| stored_text(&buf));
+            r.retry_after = retry_after;
+            return r;
         }
         let (error, message) = match status {
             200..=299 => (None, None),

@@ -150,7 +150,12 @@ pub struct NetworkPolicy {
 
 /// A destination the guard refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("destination {host} resolves to {addr}, a {reason} address")]
+#[error(
+    "destination {host} resolves to {addr}, a {reason} address, which the SSRF guard refuses; \
+     to allow it set POSTBOX_ALLOWED_NETWORKS={addr}/{bits} (or a wider CIDR), or \
+     POSTBOX_ALLOW_PRIVATE_NETWORKS=true to turn the guard off (development only)",
+    bits = if addr.is_ipv4() { 32 } else { 128 }
+)]
 pub struct Blocked {
     /// The host in the URL.
     pub host: String,

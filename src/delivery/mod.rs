@@ -26,7 +26,8 @@ pub enum ErrorKind {
     Blocked,
     /// A 3xx response: redirects are never followed.
     Redirect,
-    /// The response body was larger than the limit.
+    /// A non-2xx response whose body was larger than the limit (a 2xx is
+    /// delivered whatever its body).
     BodyTooLarge,
     /// Anything else.
     Other,

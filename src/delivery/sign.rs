@@ -32,6 +32,14 @@ pub struct SecretError {
 }
 
 impl Secrets {
+    /// A fresh secret, `whsec_` and 32 random bytes from the operating
+    /// system's generator, base64-encoded.
+    pub fn generate() -> String {
+        let mut key = [0u8; 32];
+        getrandom::fill(&mut key).expect("the operating system's random generator");
+        format!("whsec_{}", B64.encode(key))
+    }
+
     /// Parses one or more space-separated `whsec_…` secrets.
     pub fn parse(list: &str) -> Result<Self, SecretError> {
         let mut keys = Vec::new();

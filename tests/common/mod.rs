@@ -187,13 +187,38 @@ pub struct Receiver {
     pub addr: std::net::SocketAddr,
     hits: Arc<Mutex<Vec<Hit>>>,
     in_flight: Arc<Mutex<(usize, usize)>>,
+    answers: Answers,
 }
+
+/// For each request (by arrival order): the status answered and when the
+/// handler finished (or was dropped, then status 0).
+type Answers = Arc<Mutex<HashMap<usize, (u16, Instant)>>>;
 
 #[derive(Clone)]
 struct RState {
     hits: Arc<Mutex<Vec<Hit>>>,
     script: Script,
     in_flight: Arc<Mutex<(usize, usize)>>,
+    answers: Answers,
+}
+
+/// Counts a request out of the in-flight tally and records its end, also
+/// when the server drops the handler (the client went away).
+struct Finish {
+    n: usize,
+    status: u16,
+    in_flight: Arc<Mutex<(usize, usize)>>,
+    answers: Answers,
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        self.in_flight.lock().unwrap().0 -= 1;
+        self.answers
+            .lock()
+            .unwrap()
+            .insert(self.n, (self.status, Instant::now()));
+    }
 }
 
 async fn handle(State(s): State<RState>, headers: HeaderMap, body: Bytes) -> Response {
@@ -215,11 +240,18 @@ async fn handle(State(s): State<RState>, headers: HeaderMap, body: Bytes) -> Res
         f.0 += 1;
         f.1 = f.1.max(f.0);
     }
+    let mut finish = Finish {
+        n,
+        status: 0,
+        in_flight: s.in_flight.clone(),
+        answers: s.answers.clone(),
+    };
     let reply = (s.script)(n, &hit);
     if !reply.delay.is_zero() {
         tokio::time::sleep(reply.delay).await;
     }
-    s.in_flight.lock().unwrap().0 -= 1;
+    finish.status = reply.status;
+    drop(finish);
     let mut resp = (StatusCode::from_u16(reply.status).unwrap(), reply.body).into_response();
     for (k, v) in reply.headers {
         resp.headers_mut().insert(k, v.parse().unwrap());
@@ -239,10 +271,12 @@ impl Receiver {
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(Mutex::new(Vec::new()));
         let in_flight = Arc::new(Mutex::new((0, 0)));
+        let answers = Answers::default();
         let state = RState {
             hits: hits.clone(),
             script,
             in_flight: in_flight.clone(),
+            answers: answers.clone(),
         };
         let app = axum::Router::new().fallback(handle).with_state(state);
         tokio::spawn(async move {
@@ -253,7 +287,22 @@ impl Receiver {
             addr,
             hits,
             in_flight,
+            answers,
         }
+    }
+
+    /// Every request so far with the status it was answered (0 while it
+    /// runs, or when the client left first) and when its handler ended.
+    pub fn requests(&self) -> Vec<(Hit, u16, Option<Instant>)> {
+        let answers = self.answers.lock().unwrap().clone();
+        self.hits()
+            .into_iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let a = answers.get(&(i + 1));
+                (h, a.map_or(0, |a| a.0), a.map(|a| a.1))
+            })
+            .collect()
     }
 
     pub fn hits(&self) -> Vec<Hit> {
