@@ -25,8 +25,21 @@ CREATE TABLE postbox.endpoints (
     disabled_at     timestamptz,
     disabled_reason text,
     created_at      timestamptz NOT NULL DEFAULT now(),
+    -- This endpoint's retry policy, for receivers that need hours rather
+    -- than seconds. retry_schedule: the delay after the 1st, 2nd… failed
+    -- attempt (the last repeats); NULL = the worker's POSTBOX_RETRY_SCHEDULE.
+    -- max_attempts: attempts given to each event enqueued for it; NULL = 4.
+    -- Set both with `postbox endpoint set` or plain SQL.
+    retry_schedule  interval[],
+    max_attempts    integer,
     CONSTRAINT endpoints_secret_format CHECK (
-        secret IS NULL OR secret ~ '^whsec_[A-Za-z0-9+/=]+( whsec_[A-Za-z0-9+/=]+)*$')
+        secret IS NULL OR secret ~ '^whsec_[A-Za-z0-9+/=]+( whsec_[A-Za-z0-9+/=]+)*$'),
+    CONSTRAINT endpoints_retry_schedule CHECK (
+        retry_schedule IS NULL
+        OR (array_ndims(retry_schedule) = 1 AND cardinality(retry_schedule) BETWEEN 1 AND 100
+            AND array_position(retry_schedule, NULL) IS NULL
+            AND interval '0' < ALL (retry_schedule) AND interval '30 days' >= ALL (retry_schedule))),
+    CONSTRAINT endpoints_max_attempts CHECK (max_attempts BETWEEN 1 AND 100)
 );
 
 -- One row per webhook event.
@@ -167,13 +180,29 @@ BEGIN
 END
 $$;
 
--- Checks a callback URL. http:// is accepted only where the setting
--- postbox.allow_http is on (e.g. ALTER DATABASE … SET postbox.allow_http = on).
+-- Checks a callback URL: the one rule, for every entry point (the Rust API
+-- and the CLI call this; the worker's HTTP client parses whatever it
+-- accepts to the same host, tests/url_rule.rs). http:// is accepted only
+-- where the setting postbox.allow_http is on (e.g. ALTER DATABASE … SET
+-- postbox.allow_http = on). The host must be one of:
+--   * a DNS name in ASCII: labels of letters, digits, '-' and '_', each at
+--     most 63 characters, at most 253 in all (an internationalised name is
+--     given in its xn-- form); a name whose last label is numeric is not a
+--     name (browsers and HTTP clients read "0x7f.1" as 127.0.0.1), so it must
+--     be a dotted IPv4 address;
+--   * a dotted IPv4 address, four decimal numbers 0-255 without leading zeros;
+--   * an IPv6 address in brackets, without a zone.
+-- Percent-encoding, backslashes and credentials are refused: they are where
+-- URL parsers disagree.
 CREATE FUNCTION postbox.check_callback_url(url text) RETURNS text
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     allow_http boolean := coalesce(current_setting('postbox.allow_http', true), '') IN ('on', 'true', '1', 'yes');
     authority text;
+    host text;
+    port text;
+    parts text[];
+    octet constant text := '(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])';
 BEGIN
     IF url IS NULL OR url = '' THEN
         PERFORM postbox.invalid('callback_url', 'is required');
@@ -192,6 +221,9 @@ BEGIN
     ELSIF url !~* '^https://' THEN
         PERFORM postbox.invalid('callback_url', 'must be an absolute https:// URL');
     END IF;
+    IF position('\' IN url) > 0 THEN
+        PERFORM postbox.invalid('callback_url', 'must not contain a backslash');
+    END IF;
     authority := substring(url FROM '^[A-Za-z]+://([^/?#]*)');
     IF authority IS NULL OR authority = '' THEN
         PERFORM postbox.invalid('callback_url', 'has no host');
@@ -199,11 +231,43 @@ BEGIN
     IF position('@' IN authority) > 0 THEN
         PERFORM postbox.invalid('callback_url', 'must not carry credentials (user:password@)');
     END IF;
-    IF authority !~ '^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%-]+)(:[0-9]{1,5})?$' THEN
+    IF authority ~ '^\[' THEN
+        parts := regexp_match(authority, '^\[([^\]]*)\](:([^:]*))?$');
+    ELSE
+        parts := regexp_match(authority, '^([^:]*)(:([^:]*))?$');
+    END IF;
+    IF parts IS NULL THEN
         PERFORM postbox.invalid('callback_url', 'has a malformed host or port');
     END IF;
-    IF authority ~ ':[0-9]+$' AND substring(authority FROM ':([0-9]+)$')::int NOT BETWEEN 1 AND 65535 THEN
+    host := parts[1];
+    port := parts[3];
+    IF port IS NOT NULL AND (port !~ '^[0-9]{1,5}$' OR port::int NOT BETWEEN 1 AND 65535) THEN
         PERFORM postbox.invalid('callback_url', 'has a port outside 1-65535');
+    END IF;
+    IF authority ~ '^\[' THEN
+        IF host !~ '^[0-9A-Fa-f:.]+$' OR host !~ ':' THEN
+            PERFORM postbox.invalid('callback_url', 'has a malformed IPv6 address (zones are not allowed)');
+        END IF;
+        BEGIN
+            PERFORM host::inet;
+        EXCEPTION WHEN invalid_text_representation THEN
+            PERFORM postbox.invalid('callback_url', 'has a malformed IPv6 address');
+        END;
+    ELSIF host = '' THEN
+        PERFORM postbox.invalid('callback_url', 'has no host');
+    ELSIF host ~ '[^\x01-\x7f]' THEN
+        PERFORM postbox.invalid('callback_url',
+            'has a host that is not ASCII: give an internationalised name in its xn-- form');
+    ELSIF host ~ '[%~]' THEN
+        PERFORM postbox.invalid('callback_url', 'has a percent-encoded or otherwise malformed host');
+    ELSIF rtrim(host, '.') ~* '(^|\.)(0x[0-9a-f]*|[0-9]+)$' THEN
+        IF rtrim(host, '.') !~ ('^' || octet || '(\.' || octet || '){3}$') THEN
+            PERFORM postbox.invalid('callback_url',
+                'has a numeric host that is not a dotted IPv4 address (four numbers 0-255)');
+        END IF;
+    ELSIF host !~ '^[A-Za-z0-9_-]{1,63}(\.[A-Za-z0-9_-]{1,63})*\.?$' OR length(rtrim(host, '.')) > 253 THEN
+        PERFORM postbox.invalid('callback_url',
+            'has a malformed host name (letters, digits, ''-'' and ''_'' in dot-separated labels)');
     END IF;
     RETURN url;
 END

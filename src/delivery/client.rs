@@ -119,7 +119,16 @@ impl Client {
         };
         let parsed = match reqwest::Url::parse(url) {
             Ok(u) => u,
-            Err(e) => return fail(ErrorKind::Other, format!("invalid URL: {e}"), None),
+            // Enqueue refuses such URLs (postbox.check_callback_url); one
+            // edited into postbox.endpoints by hand cannot be fixed by
+            // retrying, so it fails at once.
+            Err(e) => {
+                return fail(
+                    ErrorKind::Blocked,
+                    format!("the callback URL cannot be parsed ({e}): fix postbox.endpoints.url"),
+                    None,
+                )
+            }
         };
         match parsed.scheme() {
             "https" => {}
