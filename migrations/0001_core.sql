@@ -28,7 +28,8 @@ CREATE TABLE postbox.endpoints (
     -- This endpoint's retry policy, for receivers that need hours rather
     -- than seconds. retry_schedule: the delay after the 1st, 2nd… failed
     -- attempt (the last repeats); NULL = the worker's POSTBOX_RETRY_SCHEDULE.
-    -- max_attempts: attempts given to each event enqueued for it; NULL = 4.
+    -- max_attempts: attempts given to each event enqueued for it from then
+    -- on; NULL = 4 (postbox.default_max_attempts).
     -- Set both with `postbox endpoint set` or plain SQL.
     retry_schedule  interval[],
     max_attempts    integer,
@@ -42,6 +43,11 @@ CREATE TABLE postbox.endpoints (
     CONSTRAINT endpoints_max_attempts CHECK (max_attempts BETWEEN 1 AND 100)
 );
 
+-- Attempts an event gets when its endpoint sets none: the first try plus
+-- the seed's three retries.
+CREATE FUNCTION postbox.default_max_attempts() RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT 4 $$;
+
 -- One row per webhook event.
 CREATE TABLE postbox.outbox (
     id               uuid        PRIMARY KEY,
@@ -52,7 +58,8 @@ CREATE TABLE postbox.outbox (
     status           text        NOT NULL DEFAULT 'pending'
                      CHECK (status IN ('pending', 'delivered', 'failed', 'cancelled')),
     attempts         integer     NOT NULL DEFAULT 0 CHECK (attempts >= 0),
-    max_attempts     integer     NOT NULL DEFAULT 4 CHECK (max_attempts > 0),
+    -- Fixed at enqueue: the endpoint's max_attempts, or the default.
+    max_attempts     integer     NOT NULL DEFAULT postbox.default_max_attempts() CHECK (max_attempts > 0),
     -- When the row may next be claimed. While a worker holds the lease this is
     -- the lease's end, so an expired lease makes the row due again by itself.
     next_attempt_at  timestamptz NOT NULL DEFAULT now(),
@@ -134,6 +141,20 @@ CREATE TABLE postbox.attempts (
     PRIMARY KEY (outbox_id, attempt)
 );
 CREATE INDEX attempts_started_at_idx ON postbox.attempts (started_at);
+
+-- Endpoint lifecycle: disabled, enabled, paused, breaker opened or closed,
+-- recorded by triggers (see 0003) and announced on the channel
+-- postbox_endpoint_events.
+CREATE TABLE postbox.endpoint_events (
+    id          bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    endpoint_id bigint      NOT NULL REFERENCES postbox.endpoints (id) ON DELETE CASCADE,
+    at          timestamptz NOT NULL DEFAULT now(),
+    kind        text        NOT NULL
+                CHECK (kind IN ('disabled', 'enabled', 'paused', 'breaker_opened', 'breaker_closed')),
+    detail      text
+);
+CREATE INDEX endpoint_events_endpoint_idx ON postbox.endpoint_events (endpoint_id, at);
+CREATE INDEX endpoint_events_at_idx ON postbox.endpoint_events (at);
 
 -- Workers that wait for a NOTIFY when new events arrive. A worker registers
 -- here when a claim finds nothing, and leaves while its claims come back
@@ -439,6 +460,7 @@ DECLARE
     msg jsonb;
     body jsonb;
     ep_id bigint;
+    ep_max_attempts integer;
     event_id uuid := postbox.uuid_v7();
 BEGIN
     PERFORM postbox.check_callback_url(callback_url);
@@ -462,7 +484,7 @@ BEGIN
                                                octet_length(body::text), max_bytes));
     END IF;
 
-    SELECT e.id INTO ep_id FROM postbox.endpoints e WHERE e.url = callback_url;
+    SELECT e.id, e.max_attempts INTO ep_id, ep_max_attempts FROM postbox.endpoints e WHERE e.url = callback_url;
     IF ep_id IS NULL THEN
         ep_id := postbox.new_endpoint(callback_url);
     END IF;
@@ -477,8 +499,9 @@ BEGIN
 
     -- Events of a disabled endpoint are kept like any other: the endpoint,
     -- not the event, is held back until it is enabled.
-    INSERT INTO postbox.outbox (id, conversation_id, message_id, endpoint_id, payload, ordering_key)
-    VALUES (event_id, conversation_id, (msg ->> 'id')::uuid, ep_id, body, ordering_key);
+    INSERT INTO postbox.outbox (id, conversation_id, message_id, endpoint_id, payload, ordering_key, max_attempts)
+    VALUES (event_id, conversation_id, (msg ->> 'id')::uuid, ep_id, body, ordering_key,
+            coalesce(ep_max_attempts, postbox.default_max_attempts()));
 
     -- Wakes waiting workers at commit. Only when one waits: a transaction
     -- that notifies holds a cluster-wide lock from its commit until its WAL

@@ -172,7 +172,7 @@ $$;
 -- does not depend on table statistics.
 CREATE FUNCTION postbox.claim(worker_id text, max_rows integer, lease_ms bigint)
 RETURNS TABLE (id uuid, attempt integer, max_attempts integer, payload jsonb, endpoint_id bigint,
-               url text, secret text, claimed_at timestamptz)
+               url text, secret text, claimed_at timestamptz, retry_schedule jsonb)
 LANGUAGE plpgsql VOLATILE
 -- One plan per statement, made once per connection, and made with the
 -- indexes whatever the statistics said then (a plan made while the outbox
@@ -217,6 +217,7 @@ DECLARE
     c_eids bigint[] := '{}';
     c_urls text[] := '{}';
     c_secrets text[] := '{}';
+    c_schedules jsonb[] := '{}';
     sync text;
     eps_seen integer;
     any_more boolean;
@@ -258,7 +259,10 @@ BEGIN
         FOR ep IN
             SELECT s.endpoint_id AS eid, s.in_flight, s.lease_check_at, s.rate_counts, s.rate_epoch,
                    s.paused_until, s.breaker_open_until, s.probe_until,
-                   e.url, e.secret, e.max_in_flight, e.rate_per_minute, e.disabled_at
+                   e.url, e.secret, e.max_in_flight, e.rate_per_minute, e.disabled_at,
+                   -- The endpoint's own retry schedule in seconds (NULL = the worker's).
+                   (SELECT jsonb_agg(extract(epoch FROM d) ORDER BY i)
+                    FROM unnest(e.retry_schedule) WITH ORDINALITY AS r(d, i)) AS schedule
             FROM unnest(eps) WITH ORDINALITY AS l(eid, ord)
             JOIN postbox.endpoint_state s ON s.endpoint_id = l.eid
             JOIN postbox.endpoints e ON e.id = l.eid
@@ -381,6 +385,7 @@ BEGIN
                     c_eids := c_eids || array_fill(ep.eid, ARRAY[started]);
                     c_urls := c_urls || array_fill(ep.url, ARRAY[started]);
                     c_secrets := c_secrets || array_fill(ep.secret, ARRAY[started]);
+                    c_schedules := c_schedules || array_fill(ep.schedule, ARRAY[started]);
                     got := got + started;
                     round_got := round_got + started;
                 END IF;
@@ -463,9 +468,9 @@ BEGIN
     END LOOP;
 
     RETURN QUERY
-    SELECT u.id, u.attempt, u.max_attempts, u.payload, u.endpoint_id, u.url, u.secret, now()
-    FROM unnest(c_ids, c_attempts, c_max, c_payloads, c_eids, c_urls, c_secrets)
-         AS u(id, attempt, max_attempts, payload, endpoint_id, url, secret);
+    SELECT u.id, u.attempt, u.max_attempts, u.payload, u.endpoint_id, u.url, u.secret, now(), u.schedule
+    FROM unnest(c_ids, c_attempts, c_max, c_payloads, c_eids, c_urls, c_secrets, c_schedules)
+         AS u(id, attempt, max_attempts, payload, endpoint_id, url, secret, schedule);
 END
 $$;
 
@@ -684,7 +689,8 @@ $$;
 
 -- Deletes up to batch finished events created more than older_than ago
 -- (their attempts go with them): delivered and cancelled ones, and failed
--- ones older than failed_older_than when it is given. Event ids are UUIDv7,
+-- ones older than failed_older_than when it is given; and endpoint
+-- lifecycle events older than older_than. Event ids are UUIDv7,
 -- so "created before" is a primary-key range. The status is checked again
 -- on the row being deleted, so an event replayed meanwhile is kept. One
 -- caller prunes at a time; returns NULL when another is pruning.
@@ -715,6 +721,10 @@ BEGIN
         GET DIAGNOSTICS n = ROW_COUNT;
         deleted := deleted + n;
     END IF;
+    -- Endpoint lifecycle events live as long as delivered events (not counted).
+    DELETE FROM postbox.endpoint_events ev
+    WHERE ev.id IN (SELECT x.id FROM postbox.endpoint_events x WHERE x.at < now() - older_than
+                    ORDER BY x.at LIMIT batch);
     RETURN deleted;
 END
 $$;

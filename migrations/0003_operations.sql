@@ -142,5 +142,77 @@ LANGUAGE sql STABLE AS $$
     ORDER BY o.created_at, o.id, a.attempt
 $$;
 
+-- Endpoint lifecycle: one row each time an endpoint is disabled (410 Gone
+-- or an operator), enabled again, paused by a Retry-After, or its breaker
+-- opens or closes, however the change was made (by a worker, the CLI or
+-- plain SQL: triggers record it). Each row is also announced with NOTIFY on
+-- the channel postbox_endpoint_events, its payload the row as JSON, so an
+-- application can tell its customer "your endpoint is failing" as it
+-- happens. (The table is made in 0001; postbox.prune deletes rows older
+-- than the retention of delivered events.)
+-- Records one lifecycle event and announces it (at commit).
+CREATE FUNCTION postbox.endpoint_event(endpoint_id bigint, kind text, detail text) RETURNS void
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    r postbox.endpoint_events;
+BEGIN
+    INSERT INTO postbox.endpoint_events (endpoint_id, kind, detail)
+    VALUES (endpoint_event.endpoint_id, endpoint_event.kind, endpoint_event.detail)
+    RETURNING * INTO r;
+    PERFORM pg_notify('postbox_endpoint_events', row_to_json(r)::text);
+END
+$$;
+
+CREATE FUNCTION postbox.endpoint_enabled_changed() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.disabled_at IS NOT NULL THEN
+        PERFORM postbox.endpoint_event(NEW.id, 'disabled', coalesce(NEW.disabled_reason, 'by an operator'));
+    ELSE
+        PERFORM postbox.endpoint_event(NEW.id, 'enabled',
+                                       format('was disabled since %s', date_trunc('second', OLD.disabled_at)));
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER endpoint_enabled_changed AFTER UPDATE ON postbox.endpoints FOR EACH ROW
+    WHEN ((OLD.disabled_at IS NULL) <> (NEW.disabled_at IS NULL))
+    EXECUTE FUNCTION postbox.endpoint_enabled_changed();
+CREATE TRIGGER endpoint_created_disabled AFTER INSERT ON postbox.endpoints FOR EACH ROW
+    WHEN (NEW.disabled_at IS NOT NULL)
+    EXECUTE FUNCTION postbox.endpoint_enabled_changed();
+
+-- Pauses and the breaker, from the state row workers keep. The WHEN clause
+-- keeps the cost off the (frequent) updates that change neither.
+CREATE FUNCTION postbox.endpoint_hold_changed() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.paused_until > now() AND (OLD.paused_until IS NULL OR OLD.paused_until <= now()) THEN
+        PERFORM postbox.endpoint_event(NEW.endpoint_id, 'paused',
+            format('Retry-After: nothing is sent until %s', date_trunc('second', NEW.paused_until)));
+    END IF;
+    IF NEW.breaker_open_until IS NOT NULL
+       AND (OLD.breaker_open_until IS NULL
+            OR (OLD.breaker_open_until <= now() AND NEW.breaker_open_until > now())) THEN
+        PERFORM postbox.endpoint_event(NEW.endpoint_id, 'breaker_opened',
+            CASE WHEN OLD.breaker_open_until IS NULL
+                 THEN format('%s events failing; nothing is sent until %s, then one probe at a time',
+                             cardinality(NEW.failing_events), date_trunc('second', NEW.breaker_open_until))
+                 ELSE format('the probe failed; open again until %s (cool-down %s)',
+                             date_trunc('second', NEW.breaker_open_until), NEW.breaker_cooldown)
+            END);
+    ELSIF OLD.breaker_open_until IS NOT NULL AND NEW.breaker_open_until IS NULL THEN
+        PERFORM postbox.endpoint_event(NEW.endpoint_id, 'breaker_closed',
+            CASE WHEN NEW.failing_events = '{}' AND OLD.failing_events <> '{}' THEN 'a delivery succeeded'
+                 ELSE 'cleared' END);
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER endpoint_hold_changed AFTER UPDATE ON postbox.endpoint_state FOR EACH ROW
+    WHEN ((NEW.paused_until IS DISTINCT FROM OLD.paused_until AND NEW.paused_until IS NOT NULL)
+          OR NEW.breaker_open_until IS DISTINCT FROM OLD.breaker_open_until)
+    EXECUTE FUNCTION postbox.endpoint_hold_changed();
+
 INSERT INTO postbox.schema_migrations (version, description)
 VALUES (3, 'operations') ON CONFLICT (version) DO NOTHING;

@@ -29,6 +29,16 @@ pub struct Claimed {
     pub secret: Option<String>,
     /// Database time at the claim.
     pub claimed_at: DateTime<Utc>,
+    /// The endpoint's own retry schedule in seconds (`None` = the worker's).
+    pub retry_schedule: Option<sqlx::types::Json<Vec<f64>>>,
+}
+
+impl Claimed {
+    /// The endpoint's own retry schedule, when it has one.
+    pub fn own_schedule(&self) -> Option<Vec<Duration>> {
+        let s = self.retry_schedule.as_ref()?;
+        Some(s.0.iter().map(|secs| Duration::from_secs_f64(secs.max(0.0))).collect())
+    }
 }
 
 /// Claims up to `limit` due events, honouring every endpoint's limits.
@@ -45,7 +55,7 @@ pub struct Claimed {
 /// if it was their last attempt they become `failed` instead.
 pub async fn claim(pool: &PgPool, worker_id: &str, limit: i64, lease: Duration) -> Result<Vec<Claimed>, sqlx::Error> {
     sqlx::query_as::<_, Claimed>(
-        "SELECT id, attempt, max_attempts, payload, endpoint_id, url, secret, claimed_at
+        "SELECT id, attempt, max_attempts, payload, endpoint_id, url, secret, claimed_at, retry_schedule
          FROM postbox.claim($1, $2, $3)",
     )
     .bind(worker_id)

@@ -438,9 +438,14 @@ async fn deliver(shared: Arc<Shared>, row: Claimed, claimed: Instant, permit: Ow
         error: resp.error,
         retry_after: resp.retry_after,
     };
-    let decision = config
-        .retry
-        .decide(row.attempt, row.max_attempts, &result, unit_random());
+    let own_schedule = row.own_schedule();
+    let decision = config.retry.decide_with(
+        own_schedule.as_deref(),
+        row.attempt,
+        row.max_attempts,
+        &result,
+        unit_random(),
+    );
     let kind = resp.error.map_or("success", |k| k.as_str());
     metrics::counter!("postbox_attempts_total", "result" => kind).increment(1);
     metrics::histogram!("postbox_delivery_duration_seconds").record(resp.elapsed.as_secs_f64());

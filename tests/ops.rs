@@ -94,6 +94,22 @@ async fn metrics_match_deliveries() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(pending, Some(0.0));
+    // Endpoint lifecycle events are counted from the table, whoever made them.
+    sqlx::query("UPDATE postbox.endpoints SET disabled_at = now() WHERE url = $1")
+        .bind(&ok.url)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let mut disabled = None;
+    for _ in 0..80 {
+        let page = get("/metrics").await.unwrap().text().await.unwrap();
+        disabled = sample(&page, "postbox_endpoint_events_total{kind=\"disabled\"}");
+        if disabled.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(disabled, Some(1.0));
     stop_all(std::slice::from_mut(&mut worker)).await;
 }
 

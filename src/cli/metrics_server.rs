@@ -58,9 +58,14 @@ async fn ready(pool: PgPool) -> (StatusCode, &'static str) {
 /// Refreshes the gauges read from the tables: `postbox_outbox_pending`,
 /// `postbox_outbox_oldest_pending_seconds`, `postbox_outbox_expired_leases`
 /// (claimed rows whose worker vanished, waiting to be taken again),
-/// `postbox_endpoints_breaker_open` and `postbox_endpoints_disabled`.
+/// `postbox_endpoints_breaker_open` and `postbox_endpoints_disabled`; and
+/// counts the rows added to `postbox.endpoint_events` since this process
+/// started in `postbox_endpoint_events_total{kind}`. Every worker counts
+/// every endpoint's events, so aggregate it with `max`, not `sum`.
 async fn backlog_gauges(pool: PgPool) {
+    let mut seen: Option<i64> = None;
     loop {
+        count_endpoint_events(&pool, &mut seen).await;
         let row: Result<(i64, f64, i64, i64, i64), _> = sqlx::query_as(
             "SELECT (SELECT count(*) FROM postbox.outbox WHERE status = 'pending'),
                     (SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8
@@ -80,5 +85,28 @@ async fn backlog_gauges(pool: PgPool) {
             metrics::gauge!("postbox_endpoints_disabled").set(disabled as f64);
         }
         tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+}
+
+/// Adds the lifecycle events after `seen` (the highest id counted; at the
+/// first call, the current highest) to `postbox_endpoint_events_total`.
+async fn count_endpoint_events(pool: &PgPool, seen: &mut Option<i64>) {
+    let Some(after) = *seen else {
+        if let Ok(top) = sqlx::query_scalar::<_, i64>("SELECT coalesce(max(id), 0) FROM postbox.endpoint_events")
+            .fetch_one(pool)
+            .await
+        {
+            *seen = Some(top);
+        }
+        return;
+    };
+    let rows: Result<Vec<(String, i64, i64)>, _> =
+        sqlx::query_as("SELECT kind, count(*), max(id) FROM postbox.endpoint_events WHERE id > $1 GROUP BY kind")
+            .bind(after)
+            .fetch_all(pool)
+            .await;
+    for (kind, n, top) in rows.unwrap_or_default() {
+        metrics::counter!("postbox_endpoint_events_total", "kind" => kind).increment(n.max(0) as u64);
+        *seen = Some(seen.map_or(top, |s| s.max(top)));
     }
 }

@@ -57,18 +57,26 @@ pub enum Decision {
 impl RetryPolicy {
     /// The scheduled delay after failed attempt number `attempt` (1-based).
     pub fn base_delay(&self, attempt: i32) -> Duration {
-        let i = usize::try_from(attempt.max(1) - 1).unwrap_or(0);
-        self.schedule
-            .get(i)
-            .or(self.schedule.last())
-            .copied()
-            .unwrap_or(Duration::ZERO)
+        delay_in(&self.schedule, attempt)
     }
 
     /// Decides the next step after attempt `attempt` of `max_attempts`.
     /// `unit` is a number in [0, 1) that scales the jitter (random in
     /// production, fixed in tests).
     pub fn decide(&self, attempt: i32, max_attempts: i32, result: &AttemptResult, unit: f64) -> Decision {
+        self.decide_with(None, attempt, max_attempts, result, unit)
+    }
+
+    /// [`RetryPolicy::decide`] with an endpoint's own schedule, when it has
+    /// one, in place of this policy's (jitter and the Retry-After cap stay).
+    pub fn decide_with(
+        &self,
+        schedule: Option<&[Duration]>,
+        attempt: i32,
+        max_attempts: i32,
+        result: &AttemptResult,
+        unit: f64,
+    ) -> Decision {
         match result.error {
             None => return Decision::Delivered,
             Some(ErrorKind::Blocked) => return Decision::Failed,
@@ -78,7 +86,7 @@ impl RetryPolicy {
         if attempt >= max_attempts {
             return Decision::Failed;
         }
-        let base = self.base_delay(attempt);
+        let base = delay_in(schedule.unwrap_or(&self.schedule), attempt);
         let jittered = base.mul_f64(1.0 + self.jitter.clamp(0.0, 0.2) * unit.clamp(0.0, 1.0));
         let after = match (result.status, result.retry_after) {
             (Some(429 | 503), Some(asked)) => jittered.max(asked.min(self.max_retry_after)),
@@ -86,6 +94,13 @@ impl RetryPolicy {
         };
         Decision::Retry { after }
     }
+}
+
+/// The delay after failed attempt `attempt` (1-based) in `schedule`; the
+/// last entry repeats.
+fn delay_in(schedule: &[Duration], attempt: i32) -> Duration {
+    let i = usize::try_from(attempt.max(1) - 1).unwrap_or(0);
+    schedule.get(i).or(schedule.last()).copied().unwrap_or(Duration::ZERO)
 }
 
 #[cfg(test)]
@@ -117,6 +132,21 @@ mod tests {
         assert_eq!(p.decide(4, 4, &r, 0.5), Decision::Failed);
         // More attempts than schedule entries: the last delay repeats.
         assert_eq!(secs(p.decide(5, 9, &r, 0.0)), 10.0);
+    }
+
+    #[test]
+    fn an_endpoint_schedule_replaces_the_workers() {
+        let p = RetryPolicy::default();
+        let r = failed(Some(500), ErrorKind::HttpStatus, None);
+        let own = [Duration::from_secs(60), Duration::from_secs(3600)];
+        let at = |attempt| secs(p.decide_with(Some(&own), attempt, 10, &r, 0.0));
+        assert_eq!(at(1), 60.0);
+        assert_eq!(at(2), 3600.0);
+        assert_eq!(at(7), 3600.0);
+        assert_eq!(secs(p.decide_with(None, 1, 10, &r, 0.0)), 4.0);
+        // A Retry-After longer than the endpoint's delay still wins.
+        let busy = failed(Some(429), ErrorKind::HttpStatus, Some(120));
+        assert_eq!(secs(p.decide_with(Some(&own), 1, 10, &busy, 0.0)), 120.0);
     }
 
     #[test]
