@@ -2,9 +2,10 @@
 --
 -- Everything lives in the schema "postbox", including the bookkeeping table
 -- that records which of these files have been applied. `postbox migrate`
--- applies the files in order, each in one transaction under an advisory lock;
--- teams applying SQL files with their own tool can run them as they are (each
--- file records itself in postbox.schema_migrations).
+-- applies the missing files in order, all in one transaction under an
+-- advisory lock; teams applying SQL files with their own tool can run them
+-- as they are (each file records itself in postbox.schema_migrations).
+-- Released files never change: a change is a new file.
 
 CREATE SCHEMA IF NOT EXISTS postbox;
 

@@ -3,41 +3,54 @@
 //! Every object, the bookkeeping table `postbox.schema_migrations` included,
 //! lives in the schema `postbox`, so an application's own migration tool
 //! (sqlx's `public._sqlx_migrations`, Rails, Flyway…) is never touched.
-//! [`migrate`] applies the missing files in one transaction under an advisory
-//! lock: several processes may run it at once; the first applies, the others
-//! wait and then find nothing to do. Each file also records itself, so teams
+//! [`migrate`] applies all the missing files in one transaction under an
+//! advisory lock, so an upgrade lands whole or not at all; several processes
+//! may run it at once: the first applies, the others wait and then find
+//! nothing to do. Each file also records itself, so teams
 //! may apply the files with their own tool instead.
 
 use sqlx::PgPool;
 
-/// One embedded migration file.
+/// One embedded migration file, `migrations/NNNN_name.sql`.
 #[derive(Debug, Clone, Copy)]
 pub struct Migration {
-    /// Its version (the file's number).
-    pub version: i64,
-    /// A short name.
-    pub description: &'static str,
+    /// The file's name without `.sql`: its version, `_`, a short name.
+    pub name: &'static str,
     /// The file's SQL.
     pub sql: &'static str,
 }
 
+impl Migration {
+    /// Its version: the file name's number.
+    pub fn version(&self) -> i64 {
+        let digits = self.name.split('_').next().unwrap_or_default();
+        digits.parse().expect("a migration file name starts with its version")
+    }
+
+    /// Its short name: the file name after the number.
+    pub fn description(&self) -> &'static str {
+        self.name.split_once('_').map_or("", |(_, d)| d)
+    }
+}
+
+/// Embeds `migrations/<name>.sql`: the file name is the one declaration of
+/// its version (each file also records itself in `postbox.schema_migrations`
+/// for teams that apply it with their own tool; tests/migrate.rs checks the
+/// two agree, and that no released file changes).
+macro_rules! migration {
+    ($name:literal) => {
+        Migration {
+            name: $name,
+            sql: include_str!(concat!("../migrations/", $name, ".sql")),
+        }
+    };
+}
+
 /// The migrations this binary knows, in order.
 pub const MIGRATIONS: &[Migration] = &[
-    Migration {
-        version: 1,
-        description: "core",
-        sql: include_str!("../migrations/0001_core.sql"),
-    },
-    Migration {
-        version: 2,
-        description: "dispatch",
-        sql: include_str!("../migrations/0002_dispatch.sql"),
-    },
-    Migration {
-        version: 3,
-        description: "operations",
-        sql: include_str!("../migrations/0003_operations.sql"),
-    },
+    migration!("0001_core"),
+    migration!("0002_dispatch"),
+    migration!("0003_operations"),
 ];
 
 /// Advisory lock key taken while migrating ("postbox" in ASCII).
@@ -68,16 +81,16 @@ pub async fn migrate(pool: &PgPool) -> Result<Vec<i64>, MigrateError> {
         .map_err(|source| MigrateError::Apply { version: 0, source })?;
     let mut done = Vec::new();
     for m in MIGRATIONS {
-        if applied.contains(&m.version) {
+        if applied.contains(&m.version()) {
             continue;
         }
         // A query without arguments runs as a simple query: several statements at once.
         let result = sqlx::Executor::execute(&mut *tx, m.sql).await;
         result.map_err(|source| MigrateError::Apply {
-            version: m.version,
+            version: m.version(),
             source,
         })?;
-        done.push(m.version);
+        done.push(m.version());
     }
     tx.commit()
         .await
@@ -111,7 +124,7 @@ async fn applied_versions(tx: &mut sqlx::PgConnection) -> Result<Vec<i64>, sqlx:
 
 /// The newest migration this binary knows.
 pub fn latest_version() -> i64 {
-    MIGRATIONS.last().map_or(0, |m| m.version)
+    MIGRATIONS.last().map_or(0, Migration::version)
 }
 
 /// True when every migration this binary knows has been applied.

@@ -44,6 +44,17 @@ fn bin_dir() -> io::Result<PathBuf> {
             return Ok(dir);
         }
     }
+    installed_versions().pop().map(|(_, p)| p).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            "no PostgreSQL server binaries found (install postgresql, or set POSTBOX_PG_BIN or DATABASE_URL)",
+        )
+    })
+}
+
+/// The PostgreSQL server versions installed under /usr/lib/postgresql
+/// (Debian's layout), oldest first, with their `bin` directories.
+pub fn installed_versions() -> Vec<(u32, PathBuf)> {
     let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
         .into_iter()
         .flatten()
@@ -52,12 +63,7 @@ fn bin_dir() -> io::Result<PathBuf> {
         .filter(|(_, p): &(u32, PathBuf)| p.join("initdb").exists())
         .collect();
     versions.sort();
-    versions.pop().map(|(_, p)| p).ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::NotFound,
-            "no PostgreSQL server binaries found (install postgresql, or set POSTBOX_PG_BIN or DATABASE_URL)",
-        )
-    })
+    versions
 }
 
 /// The uid and gid to run the server as: ours, or `postgres`'s when we are root.
@@ -96,7 +102,11 @@ fn free_port() -> io::Result<u16> {
 impl Cluster {
     /// Creates and starts a cluster; returns once it accepts connections.
     pub fn start(durability: Durability) -> io::Result<Cluster> {
-        let bin = bin_dir()?;
+        Self::start_with(bin_dir()?, durability)
+    }
+
+    /// [`Cluster::start`] with the server binaries in `bin`.
+    pub fn start_with(bin: PathBuf, durability: Durability) -> io::Result<Cluster> {
         let user = server_user()?;
         let dir = std::env::temp_dir().join(format!("postbox-pg-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir)?;

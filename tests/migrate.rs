@@ -16,7 +16,7 @@ async fn versions(pool: &sqlx::PgPool) -> Vec<i64> {
 async fn migrate_is_idempotent() {
     let db = TestDb::empty().await;
     let first = postbox::migrate(&db.pool).await.unwrap();
-    let all: Vec<i64> = postbox::migrate::MIGRATIONS.iter().map(|m| m.version).collect();
+    let all: Vec<i64> = postbox::migrate::MIGRATIONS.iter().map(|m| m.version()).collect();
     assert_eq!(first, all);
     assert!(postbox::migrate(&db.pool).await.unwrap().is_empty());
     assert_eq!(versions(&db.pool).await, all);
@@ -105,4 +105,101 @@ async fn files_applied_by_another_tool_are_recognised() {
     }
     assert!(postbox::migrate(&db.pool).await.unwrap().is_empty());
     assert!(postbox::migrate::is_current(&db.pool).await.unwrap());
+}
+
+/// Each file records itself under the version and name its file name
+/// declares, and every file in migrations/ is embedded.
+#[test]
+fn file_names_and_self_records_agree() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/migrations");
+    let mut on_disk: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter_map(|n| n.strip_suffix(".sql").map(str::to_owned))
+        .collect();
+    on_disk.sort();
+    let embedded: Vec<&str> = postbox::migrate::MIGRATIONS.iter().map(|m| m.name).collect();
+    assert_eq!(on_disk, embedded, "every file in migrations/ is embedded, in order");
+    for (i, m) in postbox::migrate::MIGRATIONS.iter().enumerate() {
+        assert_eq!(m.version(), i as i64 + 1, "{}: versions are 1, 2, 3…", m.name);
+        let record = format!(
+            "INSERT INTO postbox.schema_migrations (version, description)\nVALUES ({}, '{}') ON CONFLICT (version) DO NOTHING;",
+            m.version(),
+            m.description()
+        );
+        assert!(
+            m.sql.trim_end().ends_with(&record),
+            "{} must end by recording itself:\n{record}",
+            m.name
+        );
+    }
+}
+
+/// Released migrations never change (databases that applied them would
+/// silently differ from new ones): a change is a new file. The SHA-256 of
+/// each released file is in migrations.sha256 (`sha256sum -c` reads it);
+/// add a line there when a new file is released.
+#[test]
+fn released_migrations_are_unchanged() {
+    use sha2::{Digest, Sha256};
+    let root = env!("CARGO_MANIFEST_DIR");
+    let sums = std::fs::read_to_string(format!("{root}/migrations.sha256")).unwrap();
+    let mut released = 0;
+    for line in sums.lines().filter(|l| !l.trim().is_empty()) {
+        let (want, file) = line.split_once("  ").expect("`<sha256>  <file>` lines");
+        let bytes = std::fs::read(format!("{root}/{file}")).unwrap_or_else(|e| panic!("{file}: {e}"));
+        let got: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            got, want,
+            "{file} was released and has changed: restore it and put the change in a new migration"
+        );
+        released += 1;
+    }
+    assert_eq!(
+        released,
+        postbox::migrate::MIGRATIONS.len(),
+        "every embedded migration is listed in migrations.sha256"
+    );
+}
+
+/// The migrations apply, and an event goes through enqueue, claim and
+/// record, on every PostgreSQL server version installed on this machine
+/// (Debian's /usr/lib/postgresql/<version>; 13 and newer are supported).
+#[tokio::test]
+async fn migrations_run_on_every_installed_postgresql() {
+    use postbox::throwaway::{installed_versions, Cluster, Durability};
+    let versions = installed_versions();
+    if versions.is_empty() {
+        eprintln!("no server binaries under /usr/lib/postgresql: nothing to check");
+        return;
+    }
+    for (version, bin) in versions {
+        let cluster = tokio::task::spawn_blocking(move || Cluster::start_with(bin, Durability::Fast))
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("PostgreSQL {version}: {e}"));
+        let pool = common::pool(&cluster.url(), 2).await;
+        postbox::migrate(&pool)
+            .await
+            .unwrap_or_else(|e| panic!("PostgreSQL {version}: {e}"));
+        assert!(
+            postbox::migrate(&pool).await.unwrap().is_empty(),
+            "PostgreSQL {version}: idempotent"
+        );
+        let mut tx = pool.begin().await.unwrap();
+        let id = postbox::enqueue(&mut tx, "https://example.com/hook", &common::event("x"))
+            .await
+            .unwrap_or_else(|e| panic!("PostgreSQL {version}: {e}"));
+        tx.commit().await.unwrap();
+        let claimed = postbox::store::claim(&pool, "w", 10, std::time::Duration::from_secs(60))
+            .await
+            .unwrap_or_else(|e| panic!("PostgreSQL {version}: {e}"));
+        assert_eq!(
+            claimed.iter().map(|c| c.id).collect::<Vec<_>>(),
+            [id],
+            "PostgreSQL {version}"
+        );
+        pool.close().await;
+        drop(cluster);
+    }
 }
