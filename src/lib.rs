@@ -43,7 +43,8 @@
 //! - [`store`]: the claim, record and release statements.
 //! - [`delivery`]: the HTTP client, Standard Webhooks signatures, the SSRF
 //!   guard and the pure retry decision.
-//! - [`worker`]: the claim loop, bounded concurrent deliveries, the recorder.
+//! - [`worker`]: the claim loop and shutdown, with one file per job: one
+//!   attempt, the recorder, wake-ups, retention, database errors.
 //! - [`config`]: the worker's configuration and its validation.
 //! - [`throwaway`]: a temporary PostgreSQL cluster for demos, benchmarks and tests.
 

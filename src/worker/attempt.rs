@@ -1,0 +1,123 @@
+//! One delivery attempt: sign, POST, decide what follows, hand the outcome
+//! to the recorder.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+use uuid::Uuid;
+
+use super::{Record, Shared};
+use crate::delivery::{AttemptResult, Decision, Secrets};
+use crate::store::{Claimed, Outcome, Transition};
+
+/// A number in [0, 1) from the OS random source (via UUIDv4).
+pub(super) fn unit_random() -> f64 {
+    (Uuid::new_v4().as_u128() as u64 >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Delivers one claimed event and hands the outcome to the recorder.
+#[tracing::instrument(skip_all, fields(
+    event_id = %row.id,
+    conversation_id = row.payload["conversation_id"].as_str().unwrap_or_default(),
+    message_id = row.payload["data"]["id"].as_str().unwrap_or_default(),
+    endpoint_id = row.endpoint_id,
+    attempt = row.attempt,
+))]
+pub(super) async fn deliver(shared: Arc<Shared>, row: Claimed, claimed: Instant, permit: OwnedSemaphorePermit) {
+    let config = &shared.config;
+    // Database time at the start of this attempt: the claim's now() plus the
+    // time elapsed since, so the worker's own clock never matters.
+    let started_at = row.claimed_at + claimed.elapsed();
+    let timestamp = started_at.timestamp();
+    let id = row.id.to_string();
+    let body = Bytes::from(serde_json::to_vec(&row.payload).expect("JSON values always serialise"));
+    let own;
+    let secrets = match row.secret.as_deref().map(Secrets::parse) {
+        Some(Ok(s)) => {
+            own = s;
+            Some(&own)
+        }
+        Some(Err(e)) => {
+            warn!(error = %e, "the endpoint's secret is invalid; using the default secret");
+            config.signing_secret.as_ref()
+        }
+        None => config.signing_secret.as_ref(),
+    };
+    let signature = secrets.map(|s| s.sign(&id, timestamp, &body));
+    let resp = shared
+        .client
+        .post(&row.url, &id, timestamp, signature.as_deref(), body)
+        .await;
+
+    let result = AttemptResult {
+        status: resp.status,
+        error: resp.error,
+        retry_after: resp.retry_after,
+    };
+    let own_schedule = row.own_schedule();
+    let decision = config.retry.decide_with(
+        own_schedule.as_deref(),
+        row.attempt,
+        row.max_attempts,
+        &result,
+        unit_random(),
+    );
+    let kind = resp.error.map_or("success", |k| k.as_str());
+    metrics::counter!("postbox_attempts_total", "result" => kind).increment(1);
+    metrics::histogram!("postbox_delivery_duration_seconds").record(resp.elapsed.as_secs_f64());
+    shared.attempts.fetch_add(1, Ordering::Relaxed);
+    let transition = match decision {
+        Decision::Delivered => {
+            shared.delivered.fetch_add(1, Ordering::Relaxed);
+            debug!(status = resp.status, ms = resp.elapsed.as_millis() as u64, "delivered");
+            Transition::Delivered
+        }
+        Decision::Retry { after } => {
+            shared.retried.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("postbox_retries_total").increment(1);
+            info!(status = resp.status, error_kind = kind, error = resp.message.as_deref(), retry_in = ?after, "attempt failed; will retry");
+            Transition::Retry(after)
+        }
+        Decision::Failed => {
+            shared.failed.fetch_add(1, Ordering::Relaxed);
+            warn!(
+                status = resp.status,
+                error_kind = kind,
+                error = resp.message.as_deref(),
+                "attempts exhausted; event failed"
+            );
+            Transition::Failed
+        }
+        Decision::Gone => {
+            warn!(url = %row.url, "endpoint answered 410 Gone; disabling it (its events are kept)");
+            Transition::Gone
+        }
+    };
+    let outcome = Outcome {
+        id: row.id,
+        attempt: row.attempt,
+        transition,
+        started_at,
+        duration: resp.elapsed,
+        status_code: resp.status.map(i32::from),
+        error_kind: resp.error.map(|k| k.as_str()),
+        error: resp.message,
+        response_body: resp.body,
+        // Back-pressure: a receiver asking for time gets it for all its events.
+        pause: match (resp.status, resp.retry_after) {
+            (Some(429 | 503), Some(d)) if !d.is_zero() => Some(d.min(config.retry.max_retry_after)),
+            _ => None,
+        },
+    };
+    // From here on nothing awaits, so a shutdown abort cannot split sending
+    // the outcome from forgetting the lease.
+    shared.unrecorded.fetch_add(1, Ordering::SeqCst);
+    let _ = shared.records.send(Record::Outcome(outcome));
+    shared.in_flight.lock().expect("in-flight map").remove(&row.id);
+    drop(permit);
+    shared.progress.notify_one();
+}

@@ -1,0 +1,105 @@
+//! The recorder: writes finished attempts in batches, one statement per
+//! batch, and retries while the database is away, so an outage loses no
+//! outcome.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::Retryable;
+use sqlx::PgPool;
+use tokio::sync::mpsc;
+use tracing::warn;
+use uuid::Uuid;
+
+use super::db_error::{db_backoff, is_transient, log_retry};
+use super::{Record, Shared};
+use crate::store::{self, Transition};
+
+/// Outcomes written per statement, at most.
+const RECORD_BATCH: usize = 512;
+
+/// How long the recorder waits for more outcomes when it has only a few.
+const RECORD_LINGER: Duration = Duration::from_millis(2);
+
+/// Writes outcomes in batches until every sender is gone; returns how many
+/// were dropped by the lease fence.
+pub(super) async fn record_loop(pool: PgPool, shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Record>) -> u64 {
+    let worker_id = shared.config.worker_id.clone();
+    let breaker = shared.config.breaker.clone();
+    // Only a weak reference: the channel closes when the last delivery and
+    // the claim loop drop theirs.
+    let weak = Arc::downgrade(&shared);
+    drop(shared);
+    let mut fenced_total = 0u64;
+    let mut batch = Vec::with_capacity(RECORD_BATCH);
+    while rx.recv_many(&mut batch, RECORD_BATCH).await > 0 {
+        // Linger a moment for more: one statement (and one commit) for many
+        // outcomes. Delivery is not delayed by this; only the bookkeeping is.
+        if batch.len() < RECORD_BATCH / 8 {
+            tokio::time::sleep(RECORD_LINGER).await;
+            while batch.len() < RECORD_BATCH {
+                match rx.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
+            }
+        }
+        let n = batch.len();
+        let mut outcomes = Vec::with_capacity(n);
+        let mut releases = Vec::new();
+        for r in batch.drain(..) {
+            match r {
+                Record::Outcome(o) => outcomes.push(o),
+                Record::Release(id, attempt) => releases.push((id, attempt)),
+            }
+        }
+        let rescheduled =
+            !releases.is_empty() || outcomes.iter().any(|o| !matches!(o.transition, Transition::Delivered));
+        if !outcomes.is_empty() {
+            let write = || store::record(&pool, &worker_id, &outcomes, &breaker);
+            match write.retry(db_backoff()).when(is_transient).notify(log_retry).await {
+                Ok(ids) => {
+                    let fenced = outcomes.len() - ids.len();
+                    if fenced > 0 {
+                        fenced_total += fenced as u64;
+                        metrics::counter!("postbox_fenced_outcomes_total").increment(fenced as u64);
+                        warn!(fenced, "outcomes dropped: their lease had passed to a newer attempt");
+                    }
+                    let recorded: std::collections::HashSet<Uuid> = ids.into_iter().collect();
+                    for o in &outcomes {
+                        if !recorded.contains(&o.id) {
+                            continue;
+                        }
+                        match o.transition {
+                            Transition::Delivered => {
+                                metrics::counter!("postbox_events_total", "outcome" => "delivered").increment(1)
+                            }
+                            Transition::Failed => {
+                                metrics::counter!("postbox_events_total", "outcome" => "failed").increment(1)
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, count = outcomes.len(), "could not record outcomes; the events will be retried after their lease")
+                }
+            }
+        }
+        if !releases.is_empty() {
+            let write = || store::release(&pool, &worker_id, &releases);
+            if let Err(e) = write.retry(db_backoff()).when(is_transient).notify(log_retry).await {
+                warn!(error = %e, "could not release leases; they will expire by themselves");
+            }
+        }
+        if let Some(s) = weak.upgrade() {
+            s.unrecorded.fetch_sub(n, Ordering::SeqCst);
+            s.progress.notify_one();
+            if rescheduled {
+                s.rescheduled.notify_one();
+            }
+        }
+    }
+    fenced_total
+}
