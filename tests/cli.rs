@@ -13,7 +13,12 @@ use uuid::Uuid;
 #[tokio::test]
 async fn bad_configuration_exits_2_naming_the_variable() {
     let db = TestDb::new().await;
+    // A readable file with no certificate in it.
+    let not_pem = std::env::temp_dir().join(format!("postbox-not-pem-{}.pem", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&not_pem, "hello\n").unwrap();
+    let not_pem = not_pem.to_str().unwrap().to_owned();
     let cases: &[(&str, &str)] = &[
+        ("POSTBOX_CA_CERT", &not_pem),
         ("POSTBOX_CONCURRENCY", "abc"),
         ("POSTBOX_CONCURRENCY", "0"),
         ("POSTBOX_BATCH_SIZE", "-1"),

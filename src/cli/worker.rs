@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use postbox::config::{parse_bool, parse_duration, parse_fraction, parse_schedule};
-use postbox::delivery::{NetworkPolicy, Secrets};
+use postbox::delivery::{ClientError, NetworkPolicy, Secrets};
 use postbox::{ConfigError, Worker, WorkerConfig};
 
 use super::{DbArgs, Failure};
@@ -300,7 +300,13 @@ pub async fn run(args: WorkerArgs, db: &DbArgs) -> Result<(), Failure> {
     }
     let worker = Worker::builder(pool).config(config).build().map_err(|e| match e {
         postbox::WorkerError::Config(c) => Failure::Config(c),
-        other => Failure::Config(ConfigError::new("POSTBOX_CA_CERT", other.to_string())),
+        // Only the extra CA file is ours to fix; anything else reqwest
+        // refuses is a fault of this build or machine, not a setting.
+        postbox::WorkerError::Client(ClientError::BadCaCert(m)) => Failure::Config(ConfigError::new(
+            "POSTBOX_CA_CERT",
+            format!("the CA certificate file is not valid PEM: {m}"),
+        )),
+        postbox::WorkerError::Client(other) => Failure::Runtime(other.to_string()),
     })?;
     let stats = worker.run(super::shutdown_signal()).await;
     tracing::info!(
