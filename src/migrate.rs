@@ -51,6 +51,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!("0001_core"),
     migration!("0002_dispatch"),
     migration!("0003_operations"),
+    migration!("0004_operator_actions"),
 ];
 
 /// Advisory lock key taken while migrating ("postbox" in ASCII).

@@ -371,3 +371,128 @@ async fn json_logs_carry_ids_not_secrets() {
     );
     assert!(!log.contains("message 1"), "payload bodies are not logged");
 }
+
+/// The operator functions: replay in batches by id cursor (never twice),
+/// dry runs change nothing, invalid arguments name the parameter; disable
+/// and enable (which also ends a pause and closes the breaker).
+#[tokio::test]
+async fn operator_functions() {
+    let db = TestDb::new().await;
+    let ids = enqueue_bulk(&db.pool, "https://example.com/hook", 5, None).await;
+    sqlx::query("UPDATE postbox.outbox SET status = 'failed', attempts = 4")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let call = |after: Option<Uuid>, dry: bool| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_as::<_, (i32, i32, Option<Uuid>)>(
+                "SELECT * FROM postbox.replay('failed', after => $1, batch => 2, dry_run => $2)",
+            )
+            .bind(after)
+            .bind(dry)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    // Dry run: looks at all five, changes nothing.
+    let (mut after, mut looked) = (None, 0);
+    loop {
+        let (n, replayed, last) = call(after, true).await;
+        assert_eq!(replayed, 0);
+        if n == 0 {
+            break;
+        }
+        looked += n;
+        after = last;
+    }
+    assert_eq!(looked, 5);
+    let failed: i64 = sqlx::query_scalar("SELECT count(*) FROM postbox.outbox WHERE status = 'failed'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(failed, 5);
+    // First batch: the two oldest.
+    let (n, replayed, last) = call(None, false).await;
+    assert_eq!((n, replayed, last), (2, 2, Some(ids[1])));
+    // They fail again before the next batch: the cursor does not take them twice.
+    sqlx::query("UPDATE postbox.outbox SET status = 'failed' WHERE id = ANY($1)")
+        .bind(&ids[..2])
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let mut after = last;
+    let mut total = replayed;
+    loop {
+        let (n, replayed, last) = call(after, false).await;
+        if n == 0 {
+            break;
+        }
+        total += replayed;
+        after = last;
+    }
+    assert_eq!(total, 5, "each event replayed once");
+    let rows: Vec<(String, i32)> =
+        sqlx::query_as("SELECT status, max_attempts FROM postbox.outbox WHERE id = ANY($1) ORDER BY id")
+            .bind(&ids[2..])
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert!(rows.iter().all(|r| r == &("pending".to_string(), 8)), "{rows:?}");
+    for (sql, field) in [
+        ("SELECT * FROM postbox.replay('pending')", "status"),
+        ("SELECT * FROM postbox.replay('failed', attempts => 0)", "attempts"),
+        ("SELECT * FROM postbox.replay('failed', batch => 0)", "batch"),
+    ] {
+        let e = sqlx::query(sql).execute(&db.pool).await.unwrap_err().to_string();
+        assert!(e.contains(&format!("invalid {field}")), "{sql}: {e}");
+    }
+
+    // Disable keeps the first time and takes the new reason; enable clears
+    // the pause and the breaker too.
+    let id: i64 = sqlx::query_scalar("SELECT id FROM postbox.endpoints")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    for reason in ["first", "second"] {
+        let ok: bool = sqlx::query_scalar("SELECT postbox.disable_endpoint($1, $2)")
+            .bind(id)
+            .bind(reason)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        assert!(ok);
+    }
+    let reason: String = sqlx::query_scalar("SELECT disabled_reason FROM postbox.endpoints")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(reason, "second");
+    sqlx::query(
+        "UPDATE postbox.endpoint_state SET paused_until = now() + interval '1 hour',
+                breaker_open_until = now() + interval '1 hour', breaker_cooldown = interval '1 hour'",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let ok: bool = sqlx::query_scalar("SELECT postbox.enable_endpoint($1)")
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(ok);
+    let state: (bool, bool, bool) = sqlx::query_as(
+        "SELECT e.disabled_at IS NULL, s.paused_until IS NULL, s.breaker_open_until IS NULL
+         FROM postbox.endpoints e JOIN postbox.endpoint_state s ON s.endpoint_id = e.id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(state, (true, true, true));
+    let missing: bool = sqlx::query_scalar("SELECT postbox.enable_endpoint(999999)")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(!missing);
+}
