@@ -30,29 +30,29 @@ pub enum EnqueueError {
 }
 
 impl EnqueueError {
-    fn invalid(field: &str, problem: impl Into<String>) -> Self {
-        EnqueueError::Invalid {
-            field: field.to_owned(),
-            problem: problem.into(),
-        }
-    }
-
     /// Turns the SQL function's `invalid_parameter_value` errors into
     /// [`EnqueueError::Invalid`], keeping the field it names.
     fn from_db(e: sqlx::Error) -> Self {
-        if let sqlx::Error::Database(db) = &e {
-            if db.code().as_deref() == Some("22023") {
-                if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
-                    if let Some(field) = pg.column() {
-                        let prefix = format!("postbox: invalid {field}: ");
-                        let problem = pg.message().strip_prefix(&prefix).unwrap_or(pg.message());
-                        return EnqueueError::invalid(field, problem);
-                    }
-                }
-            }
+        match invalid_field(&e) {
+            Some((field, problem)) => EnqueueError::Invalid { field, problem },
+            None => EnqueueError::Database(e),
         }
-        EnqueueError::Database(e)
     }
+}
+
+/// The field and problem of a validation error raised by postbox's SQL
+/// functions (`postbox.invalid`: SQLSTATE 22023 with the field as its
+/// column), or `None` for any other error.
+pub fn invalid_field(e: &sqlx::Error) -> Option<(String, String)> {
+    let sqlx::Error::Database(db) = e else { return None };
+    if db.code().as_deref() != Some("22023") {
+        return None;
+    }
+    let pg = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>()?;
+    let field = pg.column()?;
+    let prefix = format!("postbox: invalid {field}: ");
+    let problem = pg.message().strip_prefix(&prefix).unwrap_or(pg.message());
+    Some((field.to_owned(), problem.to_owned()))
 }
 
 /// Enqueues `event` for delivery to `callback_url` on `conn` (pass

@@ -378,7 +378,9 @@ async fn json_logs_carry_ids_not_secrets() {
 #[tokio::test]
 async fn operator_functions() {
     let db = TestDb::new().await;
-    let ids = enqueue_bulk(&db.pool, "https://example.com/hook", 5, None).await;
+    let mut ids = enqueue_bulk(&db.pool, "https://example.com/hook", 5, None).await;
+    // In id order (UUIDs compare byte by byte in Rust as in PostgreSQL).
+    ids.sort();
     sqlx::query("UPDATE postbox.outbox SET status = 'failed', attempts = 4")
         .execute(&db.pool)
         .await

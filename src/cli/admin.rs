@@ -166,7 +166,7 @@ pub async fn status(a: StatusArgs, db: &DbArgs) -> Result<(), Failure> {
             .collect();
         let out =
             serde_json::json!({"backlog": backlog, "oldest_pending_seconds": oldest, "failing_endpoints": failing});
-        println!("{}", serde_json::to_string_pretty(&out).expect("JSON"));
+        super::print_json(&out);
         return Ok(());
     }
     println!("{:<10} {:>10}  oldest", "status", "events");
@@ -231,81 +231,73 @@ pub struct ReplayArgs {
     /// Rows per transaction.
     #[arg(long, default_value_t = 1000)]
     batch: i64,
+    /// Print the outcome (or, with --dry-run, the count) as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
-const REPLAY_FILTER: &str = "o.status = $1
-    AND (cardinality($2::uuid[]) = 0 OR o.id = ANY($2))
-    AND ($3::bigint IS NULL OR o.endpoint_id = $3)
-    AND ($4::timestamptz IS NULL OR o.created_at >= $4)
-    AND ($5::timestamptz IS NULL OR o.created_at < $5)";
+/// A validation error of postbox's SQL functions as a usage error naming
+/// the command-line option (`--status` for the parameter `status`).
+fn sql_usage(e: sqlx::Error) -> Failure {
+    match postbox::enqueue::invalid_field(&e) {
+        Some((field, problem)) => usage(&format!("--{field}"), problem),
+        None => e.into(),
+    }
+}
 
+/// Replays (or, with `--dry-run`, counts) in batches through the SQL
+/// function `postbox.replay` (migration 0004): it validates the options,
+/// walks the matching events once by id, and gives each `--attempts` more.
 pub async fn replay(a: ReplayArgs, db: &DbArgs) -> Result<(), Failure> {
-    if !["failed", "cancelled", "delivered"].contains(&a.status.as_str()) {
-        return Err(usage("--status", "must be failed, cancelled or delivered"));
-    }
-    if a.attempts < 1 {
-        return Err(usage("--attempts", "must be at least 1"));
-    }
-    if a.batch < 1 {
-        return Err(usage("--batch", "must be at least 1"));
-    }
     let pool = db.connect(1).await?;
     let endpoint_id = match &a.endpoint {
         None => None,
         Some(e) => Some(find_endpoint(&pool, e).await?),
     };
-    let count: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM postbox.outbox o WHERE {REPLAY_FILTER}"))
+    let ids = (!a.ids.is_empty()).then_some(&a.ids);
+    // Progress on a terminal only: logs get the summary line alone.
+    let progress = !a.json && !a.dry_run && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let (mut looked, mut replayed) = (0i64, 0i64);
+    let mut after: Option<Uuid> = None;
+    loop {
+        // Each batch commits on its own (trigger event_renewed wakes the workers).
+        let (n, done, last): (i32, i32, Option<Uuid>) = sqlx::query_as(
+            "SELECT * FROM postbox.replay($1, ids => $2, endpoint_id => $3, since => $4, until => $5,
+                                          attempts => $6, after => $7, batch => $8, dry_run => $9)",
+        )
         .bind(&a.status)
-        .bind(&a.ids)
+        .bind(ids)
         .bind(endpoint_id)
         .bind(a.since)
         .bind(a.until)
+        .bind(a.attempts)
+        .bind(after)
+        .bind(i32::try_from(a.batch).unwrap_or(i32::MAX))
+        .bind(a.dry_run)
         .fetch_one(&pool)
-        .await?;
-    if a.dry_run {
-        println!("would replay {count} {} event(s)", a.status);
-        return Ok(());
-    }
-    // Attempt numbers keep counting (the attempt log keeps its history):
-    // a replayed event gets `--attempts` more.
-    let sql = format!(
-        "WITH batch AS (SELECT o.id FROM postbox.outbox o WHERE {REPLAY_FILTER}
-                        ORDER BY o.id LIMIT $7 FOR UPDATE SKIP LOCKED)
-         UPDATE postbox.outbox o
-         SET status = 'pending', max_attempts = o.attempts + $6, next_attempt_at = now(),
-             delivered_at = NULL, locked_by = NULL, locked_until = NULL
-         FROM batch WHERE o.id = batch.id"
-    );
-    // Progress on a terminal only: logs get the summary line alone.
-    let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let mut done = 0i64;
-    loop {
-        let mut tx = pool.begin().await?;
-        let n = sqlx::query(&sql)
-            .bind(&a.status)
-            .bind(&a.ids)
-            .bind(endpoint_id)
-            .bind(a.since)
-            .bind(a.until)
-            .bind(a.attempts)
-            .bind(a.batch)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected() as i64;
-        // (trigger event_renewed marks them for the claims and wakes the workers)
-        tx.commit().await?;
-        done += n;
+        .await
+        .map_err(sql_usage)?;
         if n == 0 {
             break;
         }
+        looked += i64::from(n);
+        replayed += i64::from(done);
+        after = last;
         if progress {
-            eprint!("\rreplayed {done}/{count}");
+            eprint!("\rreplayed {replayed}");
         }
     }
-    if progress && done > 0 {
+    if progress && replayed > 0 {
         eprintln!();
     }
-    println!("replayed {done} event(s)");
+    match (a.dry_run, a.json) {
+        (true, true) => {
+            super::print_json(&serde_json::json!({"status": a.status, "dry_run": true, "would_replay": looked}))
+        }
+        (true, false) => println!("would replay {looked} {} event(s)", a.status),
+        (false, true) => super::print_json(&serde_json::json!({"status": a.status, "replayed": replayed})),
+        (false, false) => println!("replayed {replayed} event(s)"),
+    }
     Ok(())
 }
 
@@ -336,8 +328,20 @@ pub struct EndpointArgs {
 
 #[derive(Debug, clap::Subcommand)]
 enum EndpointAction {
-    /// List endpoints with their limits and backlog.
-    List,
+    /// List endpoints with their limits, retry policy, state and backlog.
+    List {
+        /// Print JSON (an array of endpoints) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send one signed probe to URL as a worker would; writes nothing.
+    ///
+    /// Prints the verdict: the addresses URL resolves to and the SSRF
+    /// guard's verdict, TLS, the HTTP status, the error kind, and what a
+    /// worker would do with an event after such an answer. Nothing is
+    /// written to the outbox or the attempt log. Exit 0 when the receiver
+    /// answered 2xx, 1 otherwise.
+    Test(super::probe::ProbeArgs),
     /// Stop delivering to an endpoint (its events stay pending).
     Disable {
         /// URL or id.
@@ -351,7 +355,7 @@ enum EndpointAction {
         /// URL or id.
         endpoint: String,
     },
-    /// Change an endpoint's secret or limits.
+    /// Change an endpoint's secret, limits or retry policy.
     Set {
         /// URL or id.
         endpoint: String,
@@ -374,78 +378,111 @@ enum EndpointAction {
         /// Deliveries started per minute, or `unlimited`.
         #[arg(long)]
         rate_per_minute: Option<String>,
+        /// This endpoint's delays after the 1st, 2nd… failure (the last
+        /// repeats), e.g. `1m,10m,1h`: 1 to 100 delays, each above zero and
+        /// at most 30 days; `default` uses the workers' POSTBOX_RETRY_SCHEDULE.
+        #[arg(long, value_name = "DELAYS")]
+        retry_schedule: Option<String>,
+        /// Attempts given to each event enqueued for this endpoint from now
+        /// on (1 to 100; events already enqueued keep theirs); `default` = 4.
+        #[arg(long, value_name = "N")]
+        max_attempts: Option<String>,
     },
+}
+
+/// Most delays in an endpoint's retry schedule (CHECK endpoints_retry_schedule).
+const MAX_SCHEDULE_LEN: usize = 100;
+/// Longest delay in an endpoint's retry schedule.
+const MAX_SCHEDULE_DELAY: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
+/// `--retry-schedule`: `None` for `default`, else the delays in whole
+/// microseconds (PostgreSQL's interval resolution), checked against the
+/// bounds of CHECK endpoints_retry_schedule so that nothing is written when
+/// one is out of range.
+fn parse_retry_schedule(s: &str) -> Result<Option<Vec<i64>>, Failure> {
+    const FLAG: &str = "--retry-schedule";
+    if s.trim().eq_ignore_ascii_case("default") {
+        return Ok(None);
+    }
+    let list = postbox::config::parse_schedule(FLAG, s).map_err(|e| usage(FLAG, e.problem))?;
+    if list.len() > MAX_SCHEDULE_LEN {
+        return Err(usage(
+            FLAG,
+            format!("has {} delays; at most {MAX_SCHEDULE_LEN} are allowed", list.len()),
+        ));
+    }
+    // parse_schedule splits on commas too: the i-th delay is the i-th piece.
+    list.iter()
+        .zip(s.split(','))
+        .map(|(d, given)| {
+            let given = given.trim();
+            // PostgreSQL keeps intervals in microseconds.
+            if d.as_micros() == 0 {
+                Err(usage(FLAG, format!("{given:?}: every delay must be greater than zero")))
+            } else if *d > MAX_SCHEDULE_DELAY {
+                Err(usage(FLAG, format!("{given:?} is longer than 30 days")))
+            } else {
+                Ok(i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
+/// `--max-attempts`: `None` for `default`, else 1 to 100.
+fn parse_max_attempts(s: &str) -> Result<Option<i32>, Failure> {
+    if s.trim().eq_ignore_ascii_case("default") {
+        return Ok(None);
+    }
+    s.trim()
+        .parse::<i32>()
+        .ok()
+        .filter(|n| (1..=100).contains(n))
+        .map(Some)
+        .ok_or_else(|| {
+            usage(
+                "--max-attempts",
+                format!("{s:?} is not a whole number from 1 to 100, or `default`"),
+            )
+        })
+}
+
+/// An endpoint's retry schedule for reading, in the form `--retry-schedule`
+/// takes: `1m`, `1m30s`, `1h`.
+fn schedule_words(seconds: &[f64]) -> Vec<String> {
+    seconds
+        .iter()
+        .map(|s| {
+            humantime::format_duration(std::time::Duration::from_secs_f64(s.max(0.0)))
+                .to_string()
+                .replace(' ', "")
+        })
+        .collect()
 }
 
 pub async fn endpoint(a: EndpointArgs, db: &DbArgs) -> Result<(), Failure> {
     let pool = db.connect(1).await?;
     match a.action {
-        EndpointAction::List => {
-            let rows = sqlx::query(
-                "SELECT e.id, e.url, e.max_in_flight, e.rate_per_minute, e.secret IS NOT NULL AS own_secret,
-                        postbox.endpoint_state_words(e, s) AS state, e.disabled_at, e.disabled_reason,
-                        (SELECT count(*) FROM postbox.outbox o WHERE o.endpoint_id = e.id AND o.status = 'pending') AS pending
-                 FROM postbox.endpoints e JOIN postbox.endpoint_state s ON s.endpoint_id = e.id ORDER BY e.id",
-            )
-            .fetch_all(&pool)
-            .await?;
-            println!(
-                "{:>5}  {:>8} {:>9} {:>8}  {:<7}  {:<40}  state",
-                "id", "pending", "in-flight", "rate/min", "secret", "url"
-            );
-            for r in rows {
-                let rate = r
-                    .get::<Option<i32>, _>("rate_per_minute")
-                    .map_or("unlimited".to_string(), |n| n.to_string());
-                let secret = if r.get::<bool, _>("own_secret") {
-                    "own"
-                } else {
-                    "default"
-                };
-                println!(
-                    "{:>5}  {:>8} {:>9} {:>8}  {:<7}  {:<40}  {}",
-                    r.get::<i64, _>("id"),
-                    r.get::<i64, _>("pending"),
-                    r.get::<i32, _>("max_in_flight"),
-                    rate,
-                    secret,
-                    r.get::<String, _>("url"),
-                    r.get::<String, _>("state"),
-                );
-            }
-        }
+        EndpointAction::List { json } => list_endpoints(&pool, json).await?,
+        EndpointAction::Test(args) => super::probe::run(args, &pool).await?,
+        // Both through the SQL functions of migration 0004, as plain SQL
+        // would do it.
         EndpointAction::Disable { endpoint, reason } => {
             let id = find_endpoint(&pool, &endpoint).await?;
-            // The endpoint, not its events, is held: nothing else to change.
-            sqlx::query(
-                "UPDATE postbox.endpoints SET disabled_at = coalesce(disabled_at, now()), disabled_reason = $2
-                 WHERE id = $1",
-            )
-            .bind(id)
-            .bind(&reason)
-            .execute(&pool)
-            .await?;
+            sqlx::query("SELECT postbox.disable_endpoint($1, $2)")
+                .bind(id)
+                .bind(&reason)
+                .execute(&pool)
+                .await?;
             println!("endpoint {id} disabled; its pending events are kept until it is enabled");
         }
         EndpointAction::Enable { endpoint } => {
             let id = find_endpoint(&pool, &endpoint).await?;
-            let mut tx = pool.begin().await?;
-            // Enabling means "deliver now": also end any pause and close the
-            // breaker. Triggers wake the endpoint (migration 0002).
-            sqlx::query("UPDATE postbox.endpoints SET disabled_at = NULL, disabled_reason = NULL WHERE id = $1")
+            // "Deliver now": also ends a pause and closes the breaker.
+            sqlx::query("SELECT postbox.enable_endpoint($1)")
                 .bind(id)
-                .execute(&mut *tx)
+                .execute(&pool)
                 .await?;
-            sqlx::query(
-                "UPDATE postbox.endpoint_state
-                 SET paused_until = NULL, breaker_open_until = NULL, breaker_cooldown = NULL,
-                     failing_events = '{}', probe_event = NULL, probe_until = NULL
-                 WHERE endpoint_id = $1",
-            )
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-            tx.commit().await?;
             println!("endpoint {id} enabled");
         }
         EndpointAction::Set {
@@ -456,6 +493,8 @@ pub async fn endpoint(a: EndpointArgs, db: &DbArgs) -> Result<(), Failure> {
             default_secret,
             max_in_flight,
             rate_per_minute,
+            retry_schedule,
+            max_attempts,
         } => {
             let id = find_endpoint(&pool, &endpoint).await?;
             let secret = read_secret(secret, secret_file, secret_env)?;
@@ -472,6 +511,9 @@ pub async fn endpoint(a: EndpointArgs, db: &DbArgs) -> Result<(), Failure> {
                     )
                 })?)),
             };
+            let schedule = retry_schedule.as_deref().map(parse_retry_schedule).transpose()?;
+            let attempts = max_attempts.as_deref().map(parse_max_attempts).transpose()?;
+            // Everything is checked: from here on it is written in one go.
             let mut tx = pool.begin().await?;
             if secret.is_some() || default_secret {
                 sqlx::query("UPDATE postbox.endpoints SET secret = $2 WHERE id = $1")
@@ -494,8 +536,30 @@ pub async fn endpoint(a: EndpointArgs, db: &DbArgs) -> Result<(), Failure> {
                     .execute(&mut *tx)
                     .await?;
             }
+            if let Some(schedule) = &schedule {
+                sqlx::query(
+                    "UPDATE postbox.endpoints
+                     SET retry_schedule = (SELECT array_agg(us * interval '1 microsecond' ORDER BY i)
+                                           FROM unnest($2::bigint[]) WITH ORDINALITY AS u(us, i))
+                     WHERE id = $1",
+                )
+                .bind(id)
+                .bind(schedule)
+                .execute(&mut *tx)
+                .await?;
+            }
+            if let Some(n) = attempts {
+                sqlx::query("UPDATE postbox.endpoints SET max_attempts = $2 WHERE id = $1")
+                    .bind(id)
+                    .bind(n)
+                    .execute(&mut *tx)
+                    .await?;
+            }
             tx.commit().await?;
             println!("endpoint {id} updated");
+            if attempts.is_some() {
+                println!("(max attempts apply to events enqueued from now on; events already enqueued keep theirs)");
+            }
         }
     }
     Ok(())
@@ -504,7 +568,11 @@ pub async fn endpoint(a: EndpointArgs, db: &DbArgs) -> Result<(), Failure> {
 /// The secret given to `endpoint set`, from the command line, a file,
 /// standard input or an environment variable, checked; surrounding
 /// whitespace (a file's final newline) is ignored.
-fn read_secret(arg: Option<String>, file: Option<String>, env: Option<String>) -> Result<Option<String>, Failure> {
+pub(super) fn read_secret(
+    arg: Option<String>,
+    file: Option<String>,
+    env: Option<String>,
+) -> Result<Option<String>, Failure> {
     let (flag, value) = if let Some(v) = arg {
         eprintln!("note: a secret on the command line is visible to ps and shell history; --secret-file or --secret-env avoid that");
         ("--secret", v)
@@ -544,6 +612,78 @@ enum SecretAction {
 pub fn secret(a: SecretArgs) -> Result<(), Failure> {
     match a.action {
         SecretAction::New => println!("{}", postbox::delivery::Secrets::generate()),
+    }
+    Ok(())
+}
+
+/// `endpoint list`: every endpoint with its limits, retry policy, state and
+/// pending backlog. Secrets are never printed, only whether there is one.
+async fn list_endpoints(pool: &sqlx::PgPool, json: bool) -> Result<(), Failure> {
+    let rows = sqlx::query(
+        "SELECT e.id, e.url, e.max_in_flight, e.rate_per_minute, e.secret IS NOT NULL AS own_secret,
+                postbox.endpoint_state_words(e, s) AS state, e.disabled_at, e.disabled_reason, e.max_attempts,
+                (SELECT array_agg(extract(epoch FROM d)::float8 ORDER BY i)
+                 FROM unnest(e.retry_schedule) WITH ORDINALITY AS r(d, i)) AS retry_schedule,
+                (SELECT count(*) FROM postbox.outbox o WHERE o.endpoint_id = e.id AND o.status = 'pending') AS pending
+         FROM postbox.endpoints e JOIN postbox.endpoint_state s ON s.endpoint_id = e.id ORDER BY e.id",
+    )
+    .fetch_all(pool)
+    .await?;
+    if json {
+        let list: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| {
+                let schedule: Option<Vec<f64>> = r.get("retry_schedule");
+                serde_json::json!({
+                    "id": r.get::<i64, _>("id"),
+                    "url": r.get::<String, _>("url"),
+                    "pending": r.get::<i64, _>("pending"),
+                    "max_in_flight": r.get::<i32, _>("max_in_flight"),
+                    "rate_per_minute": r.get::<Option<i32>, _>("rate_per_minute"),
+                    "own_secret": r.get::<bool, _>("own_secret"),
+                    "state": r.get::<String, _>("state"),
+                    "disabled_at": r.get::<Option<DateTime<Utc>>, _>("disabled_at")
+                        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+                    "disabled_reason": r.get::<Option<String>, _>("disabled_reason"),
+                    "retry_schedule": schedule.as_deref().map(schedule_words),
+                    "max_attempts": r.get::<Option<i32>, _>("max_attempts"),
+                })
+            })
+            .collect();
+        super::print_json(&serde_json::Value::Array(list));
+        return Ok(());
+    }
+    println!(
+        "{:>5}  {:>8} {:>9} {:>8}  {:<7}  {:>8}  {:<16}  {:<40}  state",
+        "id", "pending", "in-flight", "rate/min", "secret", "attempts", "retry schedule", "url"
+    );
+    for r in rows {
+        let rate = r
+            .get::<Option<i32>, _>("rate_per_minute")
+            .map_or("unlimited".to_string(), |n| n.to_string());
+        let secret = if r.get::<bool, _>("own_secret") {
+            "own"
+        } else {
+            "default"
+        };
+        let attempts = r
+            .get::<Option<i32>, _>("max_attempts")
+            .map_or("default".to_string(), |n| n.to_string());
+        let schedule = r
+            .get::<Option<Vec<f64>>, _>("retry_schedule")
+            .map_or("default".to_string(), |s| schedule_words(&s).join(","));
+        println!(
+            "{:>5}  {:>8} {:>9} {:>8}  {:<7}  {:>8}  {:<16}  {:<40}  {}",
+            r.get::<i64, _>("id"),
+            r.get::<i64, _>("pending"),
+            r.get::<i32, _>("max_in_flight"),
+            rate,
+            secret,
+            attempts,
+            schedule,
+            r.get::<String, _>("url"),
+            r.get::<String, _>("state"),
+        );
     }
     Ok(())
 }

@@ -5,8 +5,10 @@
 mod admin;
 mod bench;
 mod demo;
+mod inspect;
 mod listen;
 mod metrics_server;
+mod probe;
 mod worker;
 
 use std::process::ExitCode;
@@ -41,8 +43,10 @@ enum Command {
     Status(admin::StatusArgs),
     /// Put failed (or chosen) events back to pending.
     Replay(admin::ReplayArgs),
-    /// List, disable, enable an endpoint; set its secret and limits.
+    /// List, disable, enable, test an endpoint; set its secret, limits and retry policy.
     Endpoint(admin::EndpointArgs),
+    /// Look at events: `event show ID` prints one event's story.
+    Event(inspect::EventArgs),
     /// Signing secrets: `secret new` prints a fresh `whsec_…`.
     Secret(admin::SecretArgs),
     /// A local receiver for development: prints and verifies each webhook.
@@ -260,12 +264,22 @@ async fn run(command: Command, db: DbArgs) -> Result<(), Failure> {
         Command::Status(args) => admin::status(args, &db).await,
         Command::Replay(args) => admin::replay(args, &db).await,
         Command::Endpoint(args) => admin::endpoint(args, &db).await,
+        Command::Event(args) => inspect::run(args, &db).await,
         Command::Secret(args) => admin::secret(args),
         Command::Listen(args) => listen::run(args).await,
         Command::Demo(args) => demo::run(args, &db).await,
         Command::Bench(args) => bench::run(args, &db).await,
         Command::BenchReceiver(args) => bench::receiver(args).await,
     }
+}
+
+/// Prints `value` as pretty JSON on standard output (the `--json` of every
+/// command that reads).
+pub fn print_json(value: &serde_json::Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("a JSON value always serialises")
+    );
 }
 
 /// Resolves on SIGTERM or SIGINT.
