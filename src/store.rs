@@ -10,6 +10,8 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::delivery::{Decision, Next, Response};
+
 /// One event claimed by this worker, with everything needed to deliver it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Claimed {
@@ -105,42 +107,20 @@ pub async fn awake(pool: &PgPool, worker_id: &str) -> Result<(), sqlx::Error> {
         .map(drop)
 }
 
-/// What to do with a row once its attempt is over.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transition {
-    /// `status = delivered`.
-    Delivered,
-    /// Stay `pending`, due again after the delay.
-    Retry(Duration),
-    /// `status = failed`.
-    Failed,
-    /// Stay `pending`; the endpoint answered 410 Gone and is disabled.
-    Gone,
-}
-
-/// One finished attempt, ready to be written.
+/// One finished attempt, ready to be written: the response as the client
+/// saw it and the decision taken on it, both written as they are.
 #[derive(Debug, Clone)]
 pub struct Outcome {
     /// Event id.
     pub id: Uuid,
     /// The attempt number claimed (the lease token).
     pub attempt: i32,
-    /// Where the row goes next.
-    pub transition: Transition,
     /// Database time when the request started.
     pub started_at: DateTime<Utc>,
-    /// How long the attempt took.
-    pub duration: Duration,
-    /// Response status, if a response came.
-    pub status_code: Option<i32>,
-    /// `error_kind` for a failed attempt.
-    pub error_kind: Option<&'static str>,
-    /// Error text for a failed attempt.
-    pub error: Option<String>,
-    /// The first 4 KiB of the response body.
-    pub response_body: Option<String>,
-    /// Back-pressure: pause the whole endpoint this long (a 429/503 `Retry-After`).
-    pub pause: Option<Duration>,
+    /// What the attempt produced.
+    pub response: Response,
+    /// What happens next, to the event and its endpoint.
+    pub decision: Decision,
 }
 
 /// Circuit-breaker settings, applied when outcomes are recorded.
@@ -196,23 +176,21 @@ pub async fn record(
     let mut bodies = Vec::with_capacity(n);
     let mut pauses = Vec::with_capacity(n);
     for o in outcomes {
+        let r = &o.response;
         ids.push(o.id);
         attempts.push(o.attempt);
-        let (kind, delay) = match o.transition {
-            Transition::Delivered => ("delivered", 0.0),
-            Transition::Retry(d) => ("retry", d.as_secs_f64()),
-            Transition::Failed => ("failed", 0.0),
-            Transition::Gone => ("gone", 0.0),
-        };
-        kinds.push(kind);
-        delays.push(delay);
-        codes.push(o.status_code);
-        error_kinds.push(o.error_kind);
-        errors.push(o.error.as_deref());
+        kinds.push(o.decision.next.as_str());
+        delays.push(match o.decision.next {
+            Next::Retry { after } => after.as_secs_f64(),
+            _ => 0.0,
+        });
+        codes.push(r.status.map(i32::from));
+        error_kinds.push(r.error.map(|k| k.as_str()));
+        errors.push(r.message.as_deref());
         started.push(o.started_at);
-        durations.push(i32::try_from(o.duration.as_millis()).unwrap_or(i32::MAX));
-        bodies.push(o.response_body.as_deref());
-        pauses.push(o.pause.map_or(0.0, |d| d.as_secs_f64()));
+        durations.push(i32::try_from(r.elapsed.as_millis()).unwrap_or(i32::MAX));
+        bodies.push(r.body.as_deref());
+        pauses.push(o.decision.pause.map_or(0.0, |d| d.as_secs_f64()));
     }
     sqlx::query_scalar("SELECT postbox.record($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)")
         .bind(worker_id)

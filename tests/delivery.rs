@@ -448,7 +448,8 @@ async fn enqueue_wakes_idle_workers() {
 /// A stale outcome is fenced: once another claim has counted a newer attempt, the old holder cannot record.
 #[tokio::test]
 async fn stale_outcomes_are_fenced() {
-    use postbox::store::{claim, record, Outcome, Transition};
+    use postbox::delivery::{Decision, ErrorKind, Next, Response};
+    use postbox::store::{claim, record, Outcome};
     let db = TestDb::new().await;
     let id = enqueue_many(&db.pool, "https://example.com/h", 1).await[0];
     let lease = Duration::from_secs(30);
@@ -468,18 +469,25 @@ async fn stale_outcomes_are_fenced() {
     let outcome = |attempt, status: u16| Outcome {
         id,
         attempt,
-        transition: if status == 200 {
-            Transition::Delivered
-        } else {
-            Transition::Retry(Duration::from_secs(4))
-        },
         started_at: chrono::Utc::now(),
-        duration: Duration::from_millis(5),
-        status_code: Some(i32::from(status)),
-        error_kind: (status != 200).then_some("http_status"),
-        error: None,
-        response_body: None,
-        pause: None,
+        response: Response {
+            status: Some(status),
+            error: (status != 200).then_some(ErrorKind::HttpStatus),
+            message: None,
+            body: None,
+            retry_after: None,
+            elapsed: Duration::from_millis(5),
+        },
+        decision: Decision {
+            next: if status == 200 {
+                Next::Delivered
+            } else {
+                Next::Retry {
+                    after: Duration::from_secs(4),
+                }
+            },
+            pause: None,
+        },
     };
     assert!(
         record(&db.pool, "worker-a", &[outcome(1, 500)], &Default::default())

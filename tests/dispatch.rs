@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use postbox::store::{claim, record, release, BreakerPolicy, Outcome, Transition};
+use postbox::delivery::{Decision, ErrorKind, Next, Response};
+use postbox::store::{claim, record, release, BreakerPolicy, Outcome};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -36,18 +37,20 @@ async fn exec(pool: &PgPool, sql: &str) {
     sqlx::query(sql).execute(pool).await.unwrap();
 }
 
-fn outcome(id: Uuid, attempt: i32, status: u16, transition: Transition) -> Outcome {
+fn outcome(id: Uuid, attempt: i32, status: u16, next: Next) -> Outcome {
     Outcome {
         id,
         attempt,
-        transition,
         started_at: chrono::Utc::now(),
-        duration: Duration::from_millis(3),
-        status_code: Some(i32::from(status)),
-        error_kind: (!(200..300).contains(&status)).then_some("http_status"),
-        error: None,
-        response_body: None,
-        pause: None,
+        response: Response {
+            status: Some(status),
+            error: (!(200..300).contains(&status)).then_some(ErrorKind::HttpStatus),
+            message: None,
+            body: None,
+            retry_after: None,
+            elapsed: Duration::from_millis(3),
+        },
+        decision: Decision { next, pause: None },
     }
 }
 
@@ -372,7 +375,16 @@ async fn breaker_doubles_only_on_a_failed_probe() {
     };
     let got = claim(p, "w", 5, LEASE).await.unwrap();
     assert_eq!(got.len(), 5);
-    let fail = |r: &postbox::store::Claimed| outcome(r.id, r.attempt, 500, Transition::Retry(Duration::from_secs(1)));
+    let fail = |r: &postbox::store::Claimed| {
+        outcome(
+            r.id,
+            r.attempt,
+            500,
+            Next::Retry {
+                after: Duration::from_secs(1),
+            },
+        )
+    };
     let breaker = || async {
         sqlx::query_as::<_, (Option<f64>, Option<f64>)>(
             "SELECT extract(epoch FROM breaker_open_until - now())::float8,
@@ -424,7 +436,7 @@ async fn breaker_doubles_only_on_a_failed_probe() {
     record(
         p,
         "w",
-        &[outcome(probe[0].id, probe[0].attempt, 200, Transition::Delivered)],
+        &[outcome(probe[0].id, probe[0].attempt, 200, Next::Delivered)],
         &policy,
     )
     .await
@@ -436,9 +448,17 @@ async fn breaker_doubles_only_on_a_failed_probe() {
     assert_eq!(rest.len(), 5);
     let throttled: Vec<Outcome> = rest[..3]
         .iter()
-        .map(|r| Outcome {
-            pause: Some(Duration::from_secs(2)),
-            ..outcome(r.id, r.attempt, 429, Transition::Retry(Duration::from_secs(4)))
+        .map(|r| {
+            let mut o = outcome(
+                r.id,
+                r.attempt,
+                429,
+                Next::Retry {
+                    after: Duration::from_secs(4),
+                },
+            );
+            o.decision.pause = Some(Duration::from_secs(2));
+            o
         })
         .collect();
     record(p, "w", &throttled, &policy).await.unwrap();
@@ -518,7 +538,7 @@ async fn acknowledged_deliveries_are_never_failed() {
     let recorded = record(
         p,
         "slow",
-        &[outcome(a, first[0].attempt, 200, Transition::Delivered)],
+        &[outcome(a, first[0].attempt, 200, Next::Delivered)],
         &policy,
     )
     .await
@@ -544,17 +564,12 @@ async fn acknowledged_deliveries_are_never_failed() {
     sqlx::query(expire).bind(b).execute(p).await.unwrap();
     let two = claim(p, "fast", 1, LEASE).await.unwrap();
     assert_eq!((two[0].id, two[0].attempt), (b, 2));
-    let late = record(
-        p,
-        "slow",
-        &[outcome(b, one[0].attempt, 200, Transition::Delivered)],
-        &policy,
-    )
-    .await
-    .unwrap();
+    let late = record(p, "slow", &[outcome(b, one[0].attempt, 200, Next::Delivered)], &policy)
+        .await
+        .unwrap();
     assert!(late.is_empty(), "another worker holds the row");
     assert_eq!(row(p, b).await, ("pending".into(), 2));
-    record(p, "fast", &[outcome(b, 2, 500, Transition::Failed)], &policy)
+    record(p, "fast", &[outcome(b, 2, 500, Next::Failed)], &policy)
         .await
         .unwrap();
     assert_eq!(row(p, b).await, ("delivered".into(), 2), "attempt 1 was acknowledged");

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use postbox::config::parse_bool;
 use postbox::delivery::guard::{classify, Reserved};
-use postbox::delivery::{AttemptResult, Client, ClientError, Decision, ErrorKind, Response, Secrets};
+use postbox::delivery::{Client, ClientError, Decision, ErrorKind, Next, Response, Secrets};
 use postbox::{ConfigError, Message, Payload, WorkerConfig};
 use serde_json::{json, Value};
 use sqlx::{PgPool, Row};
@@ -224,11 +224,7 @@ pub async fn run(a: ProbeArgs, pool: &PgPool) -> Result<(), Failure> {
         known.as_ref().and_then(|k| k.schedule.as_deref()),
         1,
         max_attempts,
-        &AttemptResult {
-            status: resp.status,
-            error: resp.error,
-            retry_after: resp.retry_after,
-        },
+        &resp,
         0.0,
     );
     let verdict = Verdict {
@@ -419,25 +415,25 @@ impl Verdict<'_> {
 
     /// `(key, words)`: what a worker would do with an event after this attempt.
     fn worker_would(&self) -> (&'static str, String) {
-        match self.decision {
-            Decision::Delivered => ("delivered", "mark the event delivered".into()),
-            Decision::Retry { after } => (
+        match self.decision.next {
+            Next::Delivered => ("delivered", "mark the event delivered".into()),
+            Next::Retry { after } => (
                 "retry",
                 format!(
                     "retry in {} (this was attempt 1 of {})",
-                    humantime::format_duration(*after),
+                    humantime::format_duration(after),
                     self.max_attempts
                 ),
             ),
-            Decision::Failed if self.resp.error == Some(ErrorKind::Blocked) => (
+            Next::Failed if self.resp.error == Some(ErrorKind::Blocked) => (
                 "failed",
                 "fail the event at once (a blocked destination is never retried)".into(),
             ),
-            Decision::Failed => (
+            Next::Failed => (
                 "failed",
                 format!("fail the event (its {} attempt(s) are spent)", self.max_attempts),
             ),
-            Decision::Gone => (
+            Next::Gone => (
                 "endpoint_disabled",
                 "disable the endpoint (410 Gone); its events are kept until it is enabled".into(),
             ),
@@ -475,8 +471,8 @@ impl Verdict<'_> {
             "response_body": self.resp.body,
             "accepted": self.resp.error.is_none(),
             "worker_would": would,
-            "retry_in_ms": match self.decision {
-                Decision::Retry { after } => Some(after.as_millis() as u64),
+            "retry_in_ms": match self.decision.next {
+                Next::Retry { after } => Some(after.as_millis() as u64),
                 _ => None,
             },
             "worker_would_detail": would_words,

@@ -8,7 +8,7 @@ pub mod sign;
 
 pub use client::{Client, ClientConfig, ClientError, Response};
 pub use guard::{Blocked, NetworkPolicy};
-pub use retry::{AttemptResult, Decision, RetryPolicy};
+pub use retry::{Decision, Next, RetryPolicy};
 pub use sign::Secrets;
 
 /// Why an attempt failed: the `error_kind` column of `postbox.attempts`.

@@ -1,9 +1,10 @@
-//! The retry decision: one pure function from an attempt's result to what
-//! happens to the event next.
+//! The decision after one attempt: one pure function from the response to
+//! what happens to the event next and whether its endpoint pauses. The
+//! store writes the [`Decision`] as it is (`postbox.record`).
 
 use std::time::Duration;
 
-use super::ErrorKind;
+use super::{ErrorKind, Response};
 
 /// How failed attempts are retried.
 #[derive(Debug, Clone, PartialEq)]
@@ -27,20 +28,9 @@ impl Default for RetryPolicy {
     }
 }
 
-/// What one attempt produced, as far as the decision needs it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AttemptResult {
-    /// The response status, when a response came.
-    pub status: Option<u16>,
-    /// Why the attempt failed (`None` when it succeeded).
-    pub error: Option<ErrorKind>,
-    /// The receiver's `Retry-After`, already turned into a delay.
-    pub retry_after: Option<Duration>,
-}
-
 /// What happens to the event next.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Decision {
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Next {
     /// Delivered: done.
     Delivered,
     /// Try again after this delay (from database `now()`).
@@ -54,17 +44,40 @@ pub enum Decision {
     Gone,
 }
 
+impl Next {
+    /// The outcome's name in `postbox.record`'s `kinds` argument.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Next::Delivered => "delivered",
+            Next::Retry { .. } => "retry",
+            Next::Failed => "failed",
+            Next::Gone => "gone",
+        }
+    }
+}
+
+/// Everything decided after one attempt.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Decision {
+    /// What happens to this event.
+    pub next: Next,
+    /// Back-pressure: a 429 or 503 with `Retry-After` pauses the whole
+    /// endpoint this long (capped), whatever happens to this event; such a
+    /// response is not a failure for the circuit breaker.
+    pub pause: Option<Duration>,
+}
+
 impl RetryPolicy {
     /// The scheduled delay after failed attempt number `attempt` (1-based).
     pub fn base_delay(&self, attempt: i32) -> Duration {
         delay_in(&self.schedule, attempt)
     }
 
-    /// Decides the next step after attempt `attempt` of `max_attempts`.
+    /// Decides after attempt `attempt` of `max_attempts` answered `resp`.
     /// `unit` is a number in [0, 1) that scales the jitter (random in
     /// production, fixed in tests).
-    pub fn decide(&self, attempt: i32, max_attempts: i32, result: &AttemptResult, unit: f64) -> Decision {
-        self.decide_with(None, attempt, max_attempts, result, unit)
+    pub fn decide(&self, attempt: i32, max_attempts: i32, resp: &Response, unit: f64) -> Decision {
+        self.decide_with(None, attempt, max_attempts, resp, unit)
     }
 
     /// [`RetryPolicy::decide`] with an endpoint's own schedule, when it has
@@ -74,25 +87,27 @@ impl RetryPolicy {
         schedule: Option<&[Duration]>,
         attempt: i32,
         max_attempts: i32,
-        result: &AttemptResult,
+        resp: &Response,
         unit: f64,
     ) -> Decision {
-        match result.error {
-            None => return Decision::Delivered,
-            Some(ErrorKind::Blocked) => return Decision::Failed,
-            _ if result.status == Some(410) => return Decision::Gone,
-            _ => {}
-        }
-        if attempt >= max_attempts {
-            return Decision::Failed;
-        }
-        let base = delay_in(schedule.unwrap_or(&self.schedule), attempt);
-        let jittered = base.mul_f64(1.0 + self.jitter.clamp(0.0, 0.2) * unit.clamp(0.0, 1.0));
-        let after = match (result.status, result.retry_after) {
-            (Some(429 | 503), Some(asked)) => jittered.max(asked.min(self.max_retry_after)),
-            _ => jittered,
+        let asked = match (resp.status, resp.retry_after) {
+            (Some(429 | 503), Some(d)) if !d.is_zero() => Some(d.min(self.max_retry_after)),
+            _ => None,
         };
-        Decision::Retry { after }
+        let next = match resp.error {
+            None => Next::Delivered,
+            Some(ErrorKind::Blocked) => Next::Failed,
+            _ if resp.status == Some(410) => Next::Gone,
+            _ if attempt >= max_attempts => Next::Failed,
+            _ => {
+                let base = delay_in(schedule.unwrap_or(&self.schedule), attempt);
+                let jittered = base.mul_f64(1.0 + self.jitter.clamp(0.0, 0.2) * unit.clamp(0.0, 1.0));
+                Next::Retry {
+                    after: asked.map_or(jittered, |a| jittered.max(a)),
+                }
+            }
+        };
+        Decision { next, pause: asked }
     }
 }
 
@@ -107,17 +122,24 @@ fn delay_in(schedule: &[Duration], attempt: i32) -> Duration {
 mod tests {
     use super::*;
 
-    fn failed(status: Option<u16>, kind: ErrorKind, retry_after: Option<u64>) -> AttemptResult {
-        AttemptResult {
+    fn response(status: Option<u16>, error: Option<ErrorKind>, retry_after: Option<u64>) -> Response {
+        Response {
             status,
-            error: Some(kind),
+            error,
+            message: None,
+            body: None,
             retry_after: retry_after.map(Duration::from_secs),
+            elapsed: Duration::ZERO,
         }
     }
 
+    fn failed(status: Option<u16>, kind: ErrorKind, retry_after: Option<u64>) -> Response {
+        response(status, Some(kind), retry_after)
+    }
+
     fn secs(d: Decision) -> f64 {
-        match d {
-            Decision::Retry { after } => after.as_secs_f64(),
+        match d.next {
+            Next::Retry { after } => after.as_secs_f64(),
             other => panic!("expected a retry, got {other:?}"),
         }
     }
@@ -129,7 +151,7 @@ mod tests {
         assert_eq!(secs(p.decide(1, 4, &r, 0.5)), 4.0);
         assert_eq!(secs(p.decide(2, 4, &r, 0.5)), 8.0);
         assert_eq!(secs(p.decide(3, 4, &r, 0.5)), 10.0);
-        assert_eq!(p.decide(4, 4, &r, 0.5), Decision::Failed);
+        assert_eq!(p.decide(4, 4, &r, 0.5).next, Next::Failed);
         // More attempts than schedule entries: the last delay repeats.
         assert_eq!(secs(p.decide(5, 9, &r, 0.0)), 10.0);
     }
@@ -152,19 +174,16 @@ mod tests {
     #[test]
     fn success_and_gone_and_blocked() {
         let p = RetryPolicy::default();
-        let ok = AttemptResult {
-            status: Some(204),
-            error: None,
-            retry_after: None,
-        };
-        assert_eq!(p.decide(4, 4, &ok, 0.0), Decision::Delivered);
+        let ok = response(Some(204), None, None);
+        assert_eq!(p.decide(4, 4, &ok, 0.0).next, Next::Delivered);
         assert_eq!(
-            p.decide(1, 4, &failed(Some(410), ErrorKind::HttpStatus, None), 0.0),
-            Decision::Gone
+            p.decide(1, 4, &failed(Some(410), ErrorKind::HttpStatus, None), 0.0)
+                .next,
+            Next::Gone
         );
         assert_eq!(
-            p.decide(1, 4, &failed(None, ErrorKind::Blocked, None), 0.0),
-            Decision::Failed
+            p.decide(1, 4, &failed(None, ErrorKind::Blocked, None), 0.0).next,
+            Next::Failed
         );
     }
 
@@ -201,6 +220,35 @@ mod tests {
         assert_eq!(
             secs(p.decide(1, 4, &failed(Some(500), ErrorKind::HttpStatus, Some(30)), 0.0)),
             4.0
+        );
+    }
+
+    #[test]
+    fn a_retry_after_pauses_the_endpoint_whatever_happens_to_the_event() {
+        let p = RetryPolicy {
+            max_retry_after: Duration::from_secs(60),
+            ..RetryPolicy::default()
+        };
+        let busy = failed(Some(503), ErrorKind::HttpStatus, Some(3600));
+        // On the last attempt the event fails, and the endpoint still pauses (capped).
+        let d = p.decide(4, 4, &busy, 0.0);
+        assert_eq!(d.next, Next::Failed);
+        assert_eq!(d.pause, Some(Duration::from_secs(60)));
+        // A 500 with Retry-After, or a 429 without one, pauses nothing.
+        assert_eq!(
+            p.decide(1, 4, &failed(Some(500), ErrorKind::HttpStatus, Some(30)), 0.0)
+                .pause,
+            None
+        );
+        assert_eq!(
+            p.decide(1, 4, &failed(Some(429), ErrorKind::HttpStatus, None), 0.0)
+                .pause,
+            None
+        );
+        assert_eq!(
+            p.decide(1, 4, &failed(Some(429), ErrorKind::HttpStatus, Some(0)), 0.0)
+                .pause,
+            None
         );
     }
 }

@@ -11,8 +11,8 @@ use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use super::{Record, Shared};
-use crate::delivery::{AttemptResult, Decision, Secrets};
-use crate::store::{Claimed, Outcome, Transition};
+use crate::delivery::{Next, Secrets};
+use crate::store::{Claimed, Outcome};
 
 /// A number in [0, 1) from the OS random source (via UUIDv4).
 pub(super) fn unit_random() -> f64 {
@@ -53,36 +53,29 @@ pub(super) async fn deliver(shared: Arc<Shared>, row: Claimed, claimed: Instant,
         .post(&row.url, &id, timestamp, signature.as_deref(), body)
         .await;
 
-    let result = AttemptResult {
-        status: resp.status,
-        error: resp.error,
-        retry_after: resp.retry_after,
-    };
     let own_schedule = row.own_schedule();
     let decision = config.retry.decide_with(
         own_schedule.as_deref(),
         row.attempt,
         row.max_attempts,
-        &result,
+        &resp,
         unit_random(),
     );
     let kind = resp.error.map_or("success", |k| k.as_str());
     metrics::counter!("postbox_attempts_total", "result" => kind).increment(1);
     metrics::histogram!("postbox_delivery_duration_seconds").record(resp.elapsed.as_secs_f64());
     shared.attempts.fetch_add(1, Ordering::Relaxed);
-    let transition = match decision {
-        Decision::Delivered => {
+    match decision.next {
+        Next::Delivered => {
             shared.delivered.fetch_add(1, Ordering::Relaxed);
             debug!(status = resp.status, ms = resp.elapsed.as_millis() as u64, "delivered");
-            Transition::Delivered
         }
-        Decision::Retry { after } => {
+        Next::Retry { after } => {
             shared.retried.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("postbox_retries_total").increment(1);
             info!(status = resp.status, error_kind = kind, error = resp.message.as_deref(), retry_in = ?after, "attempt failed; will retry");
-            Transition::Retry(after)
         }
-        Decision::Failed => {
+        Next::Failed => {
             shared.failed.fetch_add(1, Ordering::Relaxed);
             warn!(
                 status = resp.status,
@@ -90,28 +83,17 @@ pub(super) async fn deliver(shared: Arc<Shared>, row: Claimed, claimed: Instant,
                 error = resp.message.as_deref(),
                 "attempts exhausted; event failed"
             );
-            Transition::Failed
         }
-        Decision::Gone => {
+        Next::Gone => {
             warn!(url = %row.url, "endpoint answered 410 Gone; disabling it (its events are kept)");
-            Transition::Gone
         }
-    };
+    }
     let outcome = Outcome {
         id: row.id,
         attempt: row.attempt,
-        transition,
         started_at,
-        duration: resp.elapsed,
-        status_code: resp.status.map(i32::from),
-        error_kind: resp.error.map(|k| k.as_str()),
-        error: resp.message,
-        response_body: resp.body,
-        // Back-pressure: a receiver asking for time gets it for all its events.
-        pause: match (resp.status, resp.retry_after) {
-            (Some(429 | 503), Some(d)) if !d.is_zero() => Some(d.min(config.retry.max_retry_after)),
-            _ => None,
-        },
+        response: resp,
+        decision,
     };
     // From here on nothing awaits, so a shutdown abort cannot split sending
     // the outcome from forgetting the lease.

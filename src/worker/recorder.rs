@@ -14,7 +14,8 @@ use uuid::Uuid;
 
 use super::db_error::{db_backoff, is_transient, log_retry};
 use super::{Record, Shared};
-use crate::store::{self, Transition};
+use crate::delivery::Next;
+use crate::store;
 
 /// Outcomes written per statement, at most.
 const RECORD_BATCH: usize = 512;
@@ -54,8 +55,7 @@ pub(super) async fn record_loop(pool: PgPool, shared: Arc<Shared>, mut rx: mpsc:
                 Record::Release(id, attempt) => releases.push((id, attempt)),
             }
         }
-        let rescheduled =
-            !releases.is_empty() || outcomes.iter().any(|o| !matches!(o.transition, Transition::Delivered));
+        let rescheduled = !releases.is_empty() || outcomes.iter().any(|o| o.decision.next != Next::Delivered);
         if !outcomes.is_empty() {
             let write = || store::record(&pool, &worker_id, &outcomes, &breaker);
             match write.retry(db_backoff()).when(is_transient).notify(log_retry).await {
@@ -71,11 +71,11 @@ pub(super) async fn record_loop(pool: PgPool, shared: Arc<Shared>, mut rx: mpsc:
                         if !recorded.contains(&o.id) {
                             continue;
                         }
-                        match o.transition {
-                            Transition::Delivered => {
+                        match o.decision.next {
+                            Next::Delivered => {
                                 metrics::counter!("postbox_events_total", "outcome" => "delivered").increment(1)
                             }
-                            Transition::Failed => {
+                            Next::Failed => {
                                 metrics::counter!("postbox_events_total", "outcome" => "failed").increment(1)
                             }
                             _ => {}
