@@ -59,7 +59,7 @@ CREATE TABLE postbox.outbox (
     status           text        NOT NULL DEFAULT 'pending'
                      CHECK (status IN ('pending', 'delivered', 'failed', 'cancelled')),
     attempts         integer     NOT NULL DEFAULT 0 CHECK (attempts >= 0),
-    -- Fixed at enqueue: the endpoint's max_attempts, or the default.
+    -- Fixed at enqueue: the endpoint's max_attempts (trigger event_attempts), or the default.
     max_attempts     integer     NOT NULL DEFAULT postbox.default_max_attempts() CHECK (max_attempts > 0),
     -- When the row may next be claimed. While a worker holds the lease this is
     -- the lease's end, so an expired lease makes the row due again by itself.
@@ -90,6 +90,20 @@ CREATE INDEX outbox_unnoticed_idx ON postbox.outbox (next_attempt_at) WHERE stat
 CREATE INDEX outbox_key_idx ON postbox.outbox (endpoint_id, ordering_key, seq)
     WHERE status = 'pending' AND ordering_key IS NOT NULL;
 CREATE INDEX outbox_conversation_idx ON postbox.outbox (conversation_id);
+
+-- A new event gets its endpoint's max_attempts when the endpoint sets one.
+-- A trigger rather than a column in enqueue's INSERT, so that the
+-- application role needs no privilege on max_attempts and cannot choose it.
+CREATE FUNCTION postbox.event_attempts() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    SELECT coalesce(e.max_attempts, NEW.max_attempts) INTO NEW.max_attempts
+    FROM postbox.endpoints e WHERE e.id = NEW.endpoint_id;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER event_attempts BEFORE INSERT ON postbox.outbox
+    FOR EACH ROW EXECUTE FUNCTION postbox.event_attempts();
 CREATE INDEX outbox_message_idx ON postbox.outbox (message_id);
 
 -- Dispatch state of each endpoint: written by workers (claims and outcomes)
@@ -461,7 +475,6 @@ DECLARE
     msg jsonb;
     body jsonb;
     ep_id bigint;
-    ep_max_attempts integer;
     event_id uuid := postbox.uuid_v7();
 BEGIN
     PERFORM postbox.check_callback_url(callback_url);
@@ -485,7 +498,7 @@ BEGIN
                                                octet_length(body::text), max_bytes));
     END IF;
 
-    SELECT e.id, e.max_attempts INTO ep_id, ep_max_attempts FROM postbox.endpoints e WHERE e.url = callback_url;
+    SELECT e.id INTO ep_id FROM postbox.endpoints e WHERE e.url = callback_url;
     IF ep_id IS NULL THEN
         ep_id := postbox.new_endpoint(callback_url);
     END IF;
@@ -500,9 +513,8 @@ BEGIN
 
     -- Events of a disabled endpoint are kept like any other: the endpoint,
     -- not the event, is held back until it is enabled.
-    INSERT INTO postbox.outbox (id, conversation_id, message_id, endpoint_id, payload, ordering_key, max_attempts)
-    VALUES (event_id, conversation_id, (msg ->> 'id')::uuid, ep_id, body, ordering_key,
-            coalesce(ep_max_attempts, postbox.default_max_attempts()));
+    INSERT INTO postbox.outbox (id, conversation_id, message_id, endpoint_id, payload, ordering_key)
+    VALUES (event_id, conversation_id, (msg ->> 'id')::uuid, ep_id, body, ordering_key);
 
     -- Wakes waiting workers at commit. Only when one waits: a transaction
     -- that notifies holds a cluster-wide lock from its commit until its WAL

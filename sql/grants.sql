@@ -73,7 +73,7 @@ GRANT EXECUTE ON FUNCTION postbox.enqueue(text, uuid, jsonb, text) TO :"app_role
 -- never the secret), creates it when the URL is new (the trigger
 -- endpoint_created adds its endpoint_state row), inserts the event, and
 -- checks whether a worker sleeps before notifying.
-GRANT SELECT (id, url) ON postbox.endpoints TO :"app_role";
+GRANT SELECT (id, url, max_attempts) ON postbox.endpoints TO :"app_role";
 GRANT INSERT (url, max_in_flight, rate_per_minute) ON postbox.endpoints TO :"app_role";
 GRANT INSERT (endpoint_id) ON postbox.endpoint_state TO :"app_role";
 GRANT INSERT (id, conversation_id, message_id, endpoint_id, payload, ordering_key)
@@ -107,8 +107,10 @@ GRANT UPDATE (worker_id, started_at, duration_ms, status_code, error_kind, error
 GRANT SELECT, INSERT, DELETE ON postbox.sleeping_workers TO :"worker_role";
 GRANT UPDATE (since) ON postbox.sleeping_workers TO :"worker_role";
 \if :has_endpoint_events
--- A 410 Gone and the breaker change an endpoint's state, which is logged.
-GRANT INSERT ON postbox.endpoint_events TO :"worker_role";
+-- A 410 Gone, a pause and the breaker change an endpoint's state, which is
+-- logged (and announced with the new row, hence SELECT); retention prunes
+-- old entries.
+GRANT SELECT, INSERT, DELETE ON postbox.endpoint_events TO :"worker_role";
 \endif
 \endif
 
@@ -121,8 +123,9 @@ GRANT SELECT ON ALL TABLES IN SCHEMA postbox TO :"operator_role";
 -- event of an ordering key, hence next_attempt_at and noticed).
 GRANT UPDATE (status, max_attempts, next_attempt_at, noticed, delivered_at, locked_by, locked_until)
     ON postbox.outbox TO :"operator_role";
--- Disable, enable, set an endpoint's secret and limits.
-GRANT UPDATE (secret, max_in_flight, rate_per_minute, disabled_at, disabled_reason)
+-- Disable, enable, set an endpoint's secret, limits and retry policy.
+GRANT UPDATE (secret, max_in_flight, rate_per_minute, disabled_at, disabled_reason, retry_schedule,
+              max_attempts)
     ON postbox.endpoints TO :"operator_role";
 -- Enable also ends a pause and closes the breaker; the trigger
 -- endpoint_changed wakes the endpoint (wake_at).
