@@ -622,6 +622,11 @@ async fn endpoint_retry_policy() {
         assert_eq!(out.status.code(), Some(2), "{flag} {value}: {}", stderr(&out));
         assert!(stderr(&out).contains(flag), "{flag} {value}: {}", stderr(&out));
     }
+    for (flag, value) in [("--max-in-flight", "0"), ("--rate-per-minute", "0")] {
+        let out = cli(&db, &["endpoint", "set", url, "--max-attempts", "9", flag, value]).await;
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}: {}", stderr(&out));
+        assert!(stderr(&out).contains(flag), "{flag} {value}: {}", stderr(&out));
+    }
     let (schedule, max, in_flight): (String, Option<i32>, i32) = sqlx::query_as(
         "SELECT retry_schedule::text, max_attempts, max_in_flight FROM postbox.endpoints WHERE url = $1",
     )

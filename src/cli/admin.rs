@@ -117,12 +117,9 @@ pub struct StatusArgs {
 
 pub async fn status(a: StatusArgs, db: &DbArgs) -> Result<(), Failure> {
     let pool = db.connect(1).await?;
+    // The view postbox.backlog (migration 0003), one row per status in order.
     let counts = sqlx::query(
-        "SELECT s.status, count(o.id) AS n,
-                extract(epoch FROM now() - min(o.created_at))::float8 AS oldest_s
-         FROM unnest(ARRAY['pending','delivered','failed','cancelled']) AS s(status)
-         LEFT JOIN postbox.outbox o ON o.status = s.status
-         GROUP BY s.status ORDER BY array_position(ARRAY['pending','delivered','failed','cancelled'], s.status)",
+        "SELECT status, events AS n, extract(epoch FROM oldest_age)::float8 AS oldest_s FROM postbox.backlog",
     )
     .fetch_all(&pool)
     .await?;
@@ -390,61 +387,56 @@ enum EndpointAction {
     },
 }
 
-/// Most delays in an endpoint's retry schedule (CHECK endpoints_retry_schedule).
-const MAX_SCHEDULE_LEN: usize = 100;
-/// Longest delay in an endpoint's retry schedule.
-const MAX_SCHEDULE_DELAY: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
-
 /// `--retry-schedule`: `None` for `default`, else the delays in whole
-/// microseconds (PostgreSQL's interval resolution), checked against the
-/// bounds of CHECK endpoints_retry_schedule so that nothing is written when
-/// one is out of range.
+/// microseconds (PostgreSQL's interval resolution). Their bounds are the
+/// table's (CHECK endpoints_retry_schedule, see [`endpoint_rule`]).
 fn parse_retry_schedule(s: &str) -> Result<Option<Vec<i64>>, Failure> {
     const FLAG: &str = "--retry-schedule";
     if s.trim().eq_ignore_ascii_case("default") {
         return Ok(None);
     }
     let list = postbox::config::parse_schedule(FLAG, s).map_err(|e| usage(FLAG, e.problem))?;
-    if list.len() > MAX_SCHEDULE_LEN {
-        return Err(usage(
-            FLAG,
-            format!("has {} delays; at most {MAX_SCHEDULE_LEN} are allowed", list.len()),
-        ));
-    }
-    // parse_schedule splits on commas too: the i-th delay is the i-th piece.
-    list.iter()
-        .zip(s.split(','))
-        .map(|(d, given)| {
-            let given = given.trim();
-            // PostgreSQL keeps intervals in microseconds.
-            if d.as_micros() == 0 {
-                Err(usage(FLAG, format!("{given:?}: every delay must be greater than zero")))
-            } else if *d > MAX_SCHEDULE_DELAY {
-                Err(usage(FLAG, format!("{given:?} is longer than 30 days")))
-            } else {
-                Ok(i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-            }
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .map(Some)
+    Ok(Some(
+        list.iter()
+            .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+            .collect(),
+    ))
 }
 
-/// `--max-attempts`: `None` for `default`, else 1 to 100.
+/// `--max-attempts`: `None` for `default`, else a whole number (its bounds
+/// are the table's, CHECK endpoints_max_attempts).
 fn parse_max_attempts(s: &str) -> Result<Option<i32>, Failure> {
     if s.trim().eq_ignore_ascii_case("default") {
         return Ok(None);
     }
     s.trim()
         .parse::<i32>()
-        .ok()
-        .filter(|n| (1..=100).contains(n))
         .map(Some)
-        .ok_or_else(|| {
-            usage(
-                "--max-attempts",
-                format!("{s:?} is not a whole number from 1 to 100, or `default`"),
-            )
-        })
+        .map_err(|_| usage("--max-attempts", format!("{s:?} is not a whole number, or `default`")))
+}
+
+/// An endpoint setting refused by one of the table's CHECK constraints,
+/// as a usage error naming the option (the transaction is rolled back, so
+/// nothing is written). The constraints are the rule; this only names them.
+fn endpoint_rule(e: sqlx::Error) -> Failure {
+    let constraint = e
+        .as_database_error()
+        .filter(|d| d.code().as_deref() == Some("23514"))
+        .and_then(|d| d.constraint().map(str::to_owned));
+    let (flag, rule) = match constraint.as_deref() {
+        Some("endpoints_retry_schedule") => (
+            "--retry-schedule",
+            "1 to 100 delays, each above zero and at most 30 days",
+        ),
+        Some("endpoints_max_attempts") => ("--max-attempts", "a whole number from 1 to 100"),
+        Some("endpoints_max_in_flight_check") => ("--max-in-flight", "at least 1"),
+        Some("endpoints_rate_per_minute_check") => ("--rate-per-minute", "at least 1, or `unlimited`"),
+        _ => return e.into(),
+    };
+    usage(
+        flag,
+        format!("must be {rule} (CHECK {})", constraint.unwrap_or_default()),
+    )
 }
 
 /// An endpoint's retry schedule for reading, in the form `--retry-schedule`
@@ -498,43 +490,41 @@ pub async fn endpoint(a: EndpointArgs, db: &DbArgs) -> Result<(), Failure> {
         } => {
             let id = find_endpoint(&pool, &endpoint).await?;
             let secret = read_secret(secret, secret_file, secret_env)?;
-            if max_in_flight.is_some_and(|n| n < 1) {
-                return Err(usage("--max-in-flight", "must be at least 1"));
-            }
             let rate: Option<Option<i32>> = match rate_per_minute.as_deref() {
                 None => None,
                 Some("unlimited") => Some(None),
-                Some(s) => Some(Some(s.parse::<i32>().ok().filter(|n| *n >= 1).ok_or_else(|| {
-                    usage(
-                        "--rate-per-minute",
-                        "must be a whole number of at least 1, or `unlimited`",
-                    )
+                Some(s) => Some(Some(s.parse::<i32>().map_err(|_| {
+                    usage("--rate-per-minute", "must be a whole number, or `unlimited`")
                 })?)),
             };
             let schedule = retry_schedule.as_deref().map(parse_retry_schedule).transpose()?;
             let attempts = max_attempts.as_deref().map(parse_max_attempts).transpose()?;
-            // Everything is checked: from here on it is written in one go.
+            // Written in one go; the table's CHECK constraints refuse a value
+            // out of range and the whole change is rolled back.
             let mut tx = pool.begin().await?;
             if secret.is_some() || default_secret {
                 sqlx::query("UPDATE postbox.endpoints SET secret = $2 WHERE id = $1")
                     .bind(id)
                     .bind(secret.as_deref())
                     .execute(&mut *tx)
-                    .await?;
+                    .await
+                    .map_err(endpoint_rule)?;
             }
             if let Some(n) = max_in_flight {
                 sqlx::query("UPDATE postbox.endpoints SET max_in_flight = $2 WHERE id = $1")
                     .bind(id)
                     .bind(n)
                     .execute(&mut *tx)
-                    .await?;
+                    .await
+                    .map_err(endpoint_rule)?;
             }
             if let Some(r) = rate {
                 sqlx::query("UPDATE postbox.endpoints SET rate_per_minute = $2 WHERE id = $1")
                     .bind(id)
                     .bind(r)
                     .execute(&mut *tx)
-                    .await?;
+                    .await
+                    .map_err(endpoint_rule)?;
             }
             if let Some(schedule) = &schedule {
                 sqlx::query(
@@ -546,14 +536,16 @@ pub async fn endpoint(a: EndpointArgs, db: &DbArgs) -> Result<(), Failure> {
                 .bind(id)
                 .bind(schedule)
                 .execute(&mut *tx)
-                .await?;
+                .await
+                .map_err(endpoint_rule)?;
             }
             if let Some(n) = attempts {
                 sqlx::query("UPDATE postbox.endpoints SET max_attempts = $2 WHERE id = $1")
                     .bind(id)
                     .bind(n)
                     .execute(&mut *tx)
-                    .await?;
+                    .await
+                    .map_err(endpoint_rule)?;
             }
             tx.commit().await?;
             println!("endpoint {id} updated");
