@@ -15,11 +15,16 @@ ARG DEBIAN_RELEASE=bookworm
 
 FROM rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS builder
 WORKDIR /src
-# Only what the binary is built from (.dockerignore keeps the rest out):
-# the migrations are embedded with include_str!.
+# Only what the build needs (.dockerignore keeps the rest out): the
+# migrations are embedded with include_str!.
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY migrations ./migrations
+# The workspace's other members and the declared example must exist for
+# Cargo to read the manifest (only the postbox binary is built).
+COPY support ./support
+COPY tools ./tools
+COPY examples/enqueue/rust.rs ./examples/enqueue/rust.rs
 # Cache mounts keep the crates index, downloads and build artifacts between
 # builds; the binary is copied out of the cached target directory.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \

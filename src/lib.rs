@@ -46,7 +46,9 @@
 //! - [`worker`]: the claim loop and shutdown, with one file per job: one
 //!   attempt, the recorder, wake-ups, retention, database errors.
 //! - [`config`]: the worker's configuration and its validation.
-//! - [`throwaway`]: a temporary PostgreSQL cluster for demos, benchmarks and tests.
+//!
+//! Outside this crate: `support/` (a throwaway PostgreSQL cluster for the
+//! demo, the tests and the benchmark) and `tools/bench` (the benchmark).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -57,7 +59,6 @@ pub mod enqueue;
 pub mod event;
 pub mod migrate;
 pub mod store;
-pub mod throwaway;
 pub mod worker;
 
 pub use config::{ConfigError, WorkerConfig};

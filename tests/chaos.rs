@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use postbox::throwaway::{Cluster, Durability};
+use postbox_support::throwaway::{Cluster, Durability};
 use sqlx::PgPool;
 use uuid::Uuid;
 

@@ -167,7 +167,7 @@ fn released_migrations_are_unchanged() {
 /// (Debian's /usr/lib/postgresql/<version>; 13 and newer are supported).
 #[tokio::test]
 async fn migrations_run_on_every_installed_postgresql() {
-    use postbox::throwaway::{installed_versions, Cluster, Durability};
+    use postbox_support::throwaway::{installed_versions, Cluster, Durability};
     let versions = installed_versions();
     if versions.is_empty() {
         eprintln!("no server binaries under /usr/lib/postgresql: nothing to check");

@@ -3,7 +3,6 @@
 //! naming the variable; runtime errors exit 1.
 
 mod admin;
-mod bench;
 mod demo;
 mod inspect;
 mod listen;
@@ -53,11 +52,6 @@ enum Command {
     Listen(listen::ListenArgs),
     /// The whole flow on one machine with no set-up.
     Demo(demo::DemoArgs),
-    /// Measure drain throughput, latency and worker memory (see docs/performance.md).
-    Bench(bench::BenchArgs),
-    /// The benchmark's receiver process (started by `postbox bench`).
-    #[command(hide = true)]
-    BenchReceiver(bench::ReceiverArgs),
 }
 
 /// The database connection, for every command that needs one. It is a global
@@ -268,8 +262,6 @@ async fn run(command: Command, db: DbArgs) -> Result<(), Failure> {
         Command::Secret(args) => admin::secret(args),
         Command::Listen(args) => listen::run(args).await,
         Command::Demo(args) => demo::run(args, &db).await,
-        Command::Bench(args) => bench::run(args, &db).await,
-        Command::BenchReceiver(args) => bench::receiver(args).await,
     }
 }
 

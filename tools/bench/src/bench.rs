@@ -1,23 +1,4 @@
-//! `postbox bench`: throughput, latency and memory of real worker processes
-//! against a real PostgreSQL, with the receiver in a process of its own so it
-//! never shares a runtime (or a CPU budget it cannot see) with a worker.
-//!
-//! Scenarios, each in a fresh database that is dropped afterwards:
-//!
-//! - **drain**: `--events` events over `--endpoints` callback URLs are
-//!   enqueued first (endpoint limits raised), then 1, 2, … processes of
-//!   `postbox worker --until-empty` start; events/s = events ÷ the time from
-//!   starting the workers until the last one exits.
-//! - **drain, slow receiver**: the same, with a receiver that waits
-//!   `--delay-ms` before answering, to show concurrent deliveries.
-//! - **latency**: one worker runs while the bench enqueues at a steady rate,
-//!   one event per transaction; latency = arrival at the receiver − the
-//!   moment COMMIT returned (both wall clocks of this machine).
-//!
-//! Peak RSS is `VmHWM` from `/proc/<pid>/status`, polled while each worker
-//! runs. CPU use is read from `/proc` as well. Every run checks that the
-//! receiver saw every event id and that every row is `delivered`; a run that
-//! loses an event fails (exit 1).
+//! The scenarios, the receiver process and the /proc sampling.
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
@@ -34,14 +15,14 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use axum::serve::ListenerExt;
 use axum::Router;
-use postbox::throwaway::{Cluster, Durability};
+use postbox_support::throwaway::{Cluster, Durability};
 use sqlx::PgPool;
 use tokio::io::AsyncBufReadExt;
 use tokio::process::{Child, Command};
 use tokio::task::JoinSet;
 use uuid::Uuid;
 
-use super::{DbArgs, Failure};
+use crate::{connect, Failure};
 
 /// The signing secret the benchmark's workers sign with (as in production).
 const SIGNING_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -60,11 +41,13 @@ const ENQUEUE_CONNECTIONS: u32 = 16;
 /// on every mainstream Linux build).
 const CLOCK_TICKS: f64 = 100.0;
 
-/// `postbox bench` settings.
+/// The benchmark's settings.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    // The server the benchmark databases are created on; unset = a throwaway
-    // cluster with PostgreSQL's default durability.
+    /// The server the benchmark databases are created on; unset = a
+    /// throwaway cluster with PostgreSQL's default durability.
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: Option<String>,
     /// Events per drain.
     #[arg(long, default_value_t = 20_000)]
     events: u64,
@@ -103,7 +86,7 @@ pub struct BenchArgs {
     skip_drain: bool,
 }
 
-/// `postbox bench-receiver` settings (started by `postbox bench`).
+/// The receiver process's settings (started by the benchmark itself).
 #[derive(Debug, clap::Args)]
 pub struct ReceiverArgs {
     /// Address to listen on; the bound address is printed as the first line.
@@ -178,10 +161,10 @@ impl Drain {
 // ---------------------------------------------------------------------------
 
 /// Runs every scenario, prints the results, and fails if any event was lost.
-pub async fn run(a: BenchArgs, db: &DbArgs) -> Result<(), Failure> {
+pub async fn run(a: BenchArgs) -> Result<(), Failure> {
     a.validate()?;
-    let (server_url, cluster) = server(db).await?;
-    let admin = super::connect(&server_url, 2).await?;
+    let (server_url, cluster) = server(&a).await?;
+    let admin = connect(&server_url, 2).await?;
     print_machine(&admin, cluster.is_none()).await?;
 
     let mut drains = Vec::new();
@@ -218,8 +201,8 @@ pub async fn run(a: BenchArgs, db: &DbArgs) -> Result<(), Failure> {
 
 /// The server URL: `DATABASE_URL`, or a throwaway cluster kept alive by the
 /// returned handle.
-async fn server(db: &DbArgs) -> Result<(String, Option<Cluster>), Failure> {
-    if let Some(url) = db.database_url.clone().filter(|u| !u.is_empty()) {
+async fn server(a: &BenchArgs) -> Result<(String, Option<Cluster>), Failure> {
+    if let Some(url) = a.database_url.clone().filter(|u| !u.is_empty()) {
         return Ok((url, None));
     }
     println!("DATABASE_URL is unset: starting a throwaway PostgreSQL (default durability)…");
@@ -381,7 +364,7 @@ async fn run_latency(a: &BenchArgs, db: &BenchDb) -> Result<LatencyReport, Failu
 /// transaction; returns each event id with the unix micros right after its
 /// COMMIT returned, and how long enqueueing took.
 async fn steady_enqueue(db: &BenchDb, prefix: &str, a: &BenchArgs) -> Result<(Vec<(Uuid, i64)>, f64), Failure> {
-    let pool = super::connect(&db.url, ENQUEUE_CONNECTIONS).await?;
+    let pool = connect(&db.url, ENQUEUE_CONNECTIONS).await?;
     let total = a.latency_rate * a.latency_seconds;
     let started = tokio::time::Instant::now();
     let mut pending = JoinSet::new();
@@ -425,7 +408,7 @@ impl BenchDb {
             url::Url::parse(server_url).map_err(|e| Failure::Usage(format!("DATABASE_URL is not a URL: {e}")))?;
         url.set_path(&format!("/{name}"));
         let url = url.to_string();
-        let pool = super::connect(&url, 4).await?;
+        let pool = connect(&url, 4).await?;
         postbox::migrate(&pool).await?;
         Ok(BenchDb { name, url, pool })
     }
@@ -671,7 +654,7 @@ struct WorkerRun {
 
 /// Starts `postbox worker` (this same binary) on the database at `url`.
 fn spawn_worker(url: &str, concurrency: usize, batch_size: usize, until_empty: bool) -> Result<Child, Failure> {
-    let mut cmd = Command::new(current_exe()?);
+    let mut cmd = Command::new(postbox_bin()?);
     cmd.arg("worker");
     if until_empty {
         cmd.arg("--until-empty");
@@ -748,7 +731,24 @@ fn terminate(pid: u32) -> Result<(), Failure> {
 }
 
 fn current_exe() -> Result<PathBuf, Failure> {
-    std::env::current_exe().map_err(|e| Failure::Runtime(format!("cannot find the postbox binary: {e}")))
+    std::env::current_exe().map_err(|e| Failure::Runtime(format!("cannot find this program: {e}")))
+}
+
+/// The `postbox` binary the workers run: `POSTBOX_BIN`, or the one built
+/// next to this program (`cargo build --release --workspace`).
+fn postbox_bin() -> Result<PathBuf, Failure> {
+    if let Some(bin) = std::env::var_os("POSTBOX_BIN") {
+        return Ok(PathBuf::from(bin));
+    }
+    let bin = current_exe()?.with_file_name("postbox");
+    if bin.exists() {
+        Ok(bin)
+    } else {
+        Err(Failure::Usage(format!(
+            "{} not found: build it with `cargo build --release --workspace`, or set POSTBOX_BIN",
+            bin.display()
+        )))
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -975,7 +975,7 @@ fn unix_micros() -> i64 {
         .map_or(0, |d| d.as_micros() as i64)
 }
 
-/// The bench's handle on a `postbox bench-receiver` process.
+/// The bench's handle on a the receiver process process.
 struct Receiver {
     child: Child,
     pid: u32,
@@ -988,7 +988,7 @@ impl Receiver {
     async fn start(delay_ms: u64) -> Result<Receiver, Failure> {
         let journal = std::env::temp_dir().join(format!("postbox-bench-{}.txt", Uuid::new_v4().simple()));
         let mut child = Command::new(current_exe()?)
-            .args(["bench-receiver", "--addr", "127.0.0.1:0", "--delay-ms"])
+            .args(["receiver", "--addr", "127.0.0.1:0", "--delay-ms"])
             .arg(delay_ms.to_string())
             .arg("--out")
             .arg(&journal)
@@ -1110,7 +1110,7 @@ async fn stop_requested() {
     }
 }
 
-/// `postbox bench-receiver`: answers 204 to every POST (after `--delay-ms`)
+/// the receiver process: answers 204 to every POST (after `--delay-ms`)
 /// and journals `webhook-id` with the arrival time.
 pub async fn receiver(a: ReceiverArgs) -> Result<(), Failure> {
     let file = std::fs::File::create(&a.out)

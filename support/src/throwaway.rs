@@ -1,5 +1,6 @@
 //! A throwaway PostgreSQL cluster from the local PostgreSQL binaries, for
-//! `postbox demo`, `postbox bench` and the tests when `DATABASE_URL` is unset.
+//! `postbox demo`, the benchmark (tools/bench) and the tests when
+//! `DATABASE_URL` is unset.
 //!
 //! `initdb` and `postgres` refuse to run as root, so when this process is
 //! root the cluster runs as the `postgres` user. The server is started under
