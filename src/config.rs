@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use crate::delivery::{ClientConfig, RetryPolicy, Secrets};
-use crate::store::BreakerPolicy;
 
 /// Everything a worker needs to know.
 #[derive(Debug, Clone)]
@@ -65,6 +64,29 @@ impl Default for WorkerConfig {
             retention: Some(Duration::from_secs(7 * 24 * 3600)),
             failed_retention: None,
             retention_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Circuit-breaker settings, applied when outcomes are recorded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BreakerPolicy {
+    /// The breaker opens when this many distinct events of an endpoint have
+    /// failed in a row (no success in between). One event's own retries
+    /// therefore never open it.
+    pub threshold: u32,
+    /// How long it stays open before the first probe.
+    pub cooldown: Duration,
+    /// Each failed probe doubles the cool-down, up to this.
+    pub max_cooldown: Duration,
+}
+
+impl Default for BreakerPolicy {
+    fn default() -> Self {
+        BreakerPolicy {
+            threshold: 5,
+            cooldown: Duration::from_secs(30),
+            max_cooldown: Duration::from_secs(600),
         }
     }
 }

@@ -35,17 +35,28 @@
 //!
 //! # Layout
 //!
-//! The flow enqueue → claim → deliver → record, one file per step:
+//! The flow enqueue → claim → deliver → record, one module per step:
 //!
 //! - [`event`]: the seed guide's payload as types (`ContentType`, `MessageType`, …).
-//! - [`enqueue`]: the Rust face of the SQL function `postbox.enqueue`.
-//! - [`migrate`]: the embedded SQL migrations (schema `postbox` only).
-//! - [`store`]: the claim, record and release statements.
+//! - [`mod@enqueue`]: the Rust face of the SQL function `postbox.enqueue`, which
+//!   validates every field (the rules live in SQL, once, for every language).
+//! - [`mod@migrate`]: the embedded SQL migrations (schema `postbox` only). The
+//!   lease protocol itself (claim, record, release, prune) is SQL, in
+//!   `migrations/0002_dispatch.sql`.
+//! - `store` (private): the worker's calls of those SQL functions.
 //! - [`delivery`]: the HTTP client, Standard Webhooks signatures, the SSRF
-//!   guard and the pure retry decision.
+//!   guard and the pure decision after an attempt.
 //! - [`worker`]: the claim loop and shutdown, with one file per job: one
 //!   attempt, the recorder, wake-ups, retention, database errors.
 //! - [`config`]: the worker's configuration and its validation.
+//!
+//! The public API is what an application needs: enqueue (and the event
+//! types), migrate, and a [`Worker`] with its [`WorkerConfig`] (whose parts,
+//! the retry and breaker policies, the client settings and the signing
+//! secrets, are public so that it can be built in code). The `postbox`
+//! command (`src/cli/`) is built on that same API; the delivery client is
+//! public because `postbox endpoint test` sends through it. Outcomes are
+//! written only by a worker, through the fenced SQL functions.
 //!
 //! Outside this crate: `support/` (a throwaway PostgreSQL cluster for the
 //! demo, the tests and the benchmark) and `tools/bench` (the benchmark).
@@ -58,10 +69,10 @@ pub mod delivery;
 pub mod enqueue;
 pub mod event;
 pub mod migrate;
-pub mod store;
+mod store;
 pub mod worker;
 
-pub use config::{ConfigError, WorkerConfig};
+pub use config::{BreakerPolicy, ConfigError, WorkerConfig};
 pub use enqueue::{enqueue, enqueue_json, EnqueueError};
 pub use event::{Channel, ContentType, Message, MessageEvent, MessageStatus, MessageType, Payload};
 pub use migrate::{migrate, MigrateError};

@@ -10,6 +10,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::config::BreakerPolicy;
 use crate::delivery::{Decision, Next, Response};
 
 /// One event claimed by this worker, with everything needed to deliver it.
@@ -121,29 +122,6 @@ pub struct Outcome {
     pub response: Response,
     /// What happens next, to the event and its endpoint.
     pub decision: Decision,
-}
-
-/// Circuit-breaker settings, applied when outcomes are recorded.
-#[derive(Debug, Clone, PartialEq)]
-pub struct BreakerPolicy {
-    /// The breaker opens when this many distinct events of an endpoint have
-    /// failed in a row (no success in between). One event's own retries
-    /// therefore never open it.
-    pub threshold: u32,
-    /// How long it stays open before the first probe.
-    pub cooldown: Duration,
-    /// Each failed probe doubles the cool-down, up to this.
-    pub max_cooldown: Duration,
-}
-
-impl Default for BreakerPolicy {
-    fn default() -> Self {
-        BreakerPolicy {
-            threshold: 5,
-            cooldown: Duration::from_secs(30),
-            max_cooldown: Duration::from_secs(600),
-        }
-    }
 }
 
 /// Writes a batch of outcomes with `postbox.record` (migration 0002): the

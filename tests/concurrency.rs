@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use postbox::store::BreakerPolicy;
+use postbox::BreakerPolicy;
 use uuid::Uuid;
 
 const TIMEOUT: Duration = Duration::from_secs(1);

@@ -448,8 +448,8 @@ async fn enqueue_wakes_idle_workers() {
 /// A stale outcome is fenced: once another claim has counted a newer attempt, the old holder cannot record.
 #[tokio::test]
 async fn stale_outcomes_are_fenced() {
+    use common::protocol::{claim, record, Outcome};
     use postbox::delivery::{Decision, ErrorKind, Next, Response};
-    use postbox::store::{claim, record, Outcome};
     let db = TestDb::new().await;
     let id = enqueue_many(&db.pool, "https://example.com/h", 1).await[0];
     let lease = Duration::from_secs(30);
@@ -520,14 +520,14 @@ async fn lost_final_attempt_ends_failed() {
         .execute(&db.pool)
         .await
         .unwrap();
-    postbox::store::claim(&db.pool, "dead", 10, Duration::from_secs(30))
+    common::protocol::claim(&db.pool, "dead", 10, Duration::from_secs(30))
         .await
         .unwrap();
     sqlx::query("UPDATE postbox.outbox SET next_attempt_at = now() - interval '1 second'")
         .execute(&db.pool)
         .await
         .unwrap();
-    let again = postbox::store::claim(&db.pool, "alive", 10, Duration::from_secs(30))
+    let again = common::protocol::claim(&db.pool, "alive", 10, Duration::from_secs(30))
         .await
         .unwrap();
     assert!(again.is_empty());

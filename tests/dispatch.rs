@@ -8,9 +8,10 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::protocol::{claim, record, release, Outcome};
 use common::*;
 use postbox::delivery::{Decision, ErrorKind, Next, Response};
-use postbox::store::{claim, record, release, BreakerPolicy, Outcome};
+use postbox::BreakerPolicy;
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -375,7 +376,7 @@ async fn breaker_doubles_only_on_a_failed_probe() {
     };
     let got = claim(p, "w", 5, LEASE).await.unwrap();
     assert_eq!(got.len(), 5);
-    let fail = |r: &postbox::store::Claimed| {
+    let fail = |r: &common::protocol::Claimed| {
         outcome(
             r.id,
             r.attempt,
@@ -593,7 +594,7 @@ async fn retention_keeps_an_event_replayed_meanwhile() {
         .await
         .unwrap();
     let pool = p.clone();
-    let prune = tokio::spawn(async move { postbox::store::prune(&pool, Duration::ZERO, None, 100).await.unwrap() });
+    let prune = tokio::spawn(async move { common::protocol::prune(&pool, Duration::ZERO, None, 100).await.unwrap() });
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!prune.is_finished(), "the prune waits for the replaying transaction");
     replay.commit().await.unwrap();

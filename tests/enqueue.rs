@@ -283,7 +283,7 @@ async fn visible_only_after_commit() {
         .await
         .unwrap();
     // A claim from another connection sees nothing while the transaction is open.
-    let claimed = postbox::store::claim(&db.pool, "probe", 10, std::time::Duration::from_secs(10))
+    let claimed = common::protocol::claim(&db.pool, "probe", 10, std::time::Duration::from_secs(10))
         .await
         .unwrap();
     assert!(claimed.is_empty());

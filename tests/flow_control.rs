@@ -265,7 +265,7 @@ async fn claim_never_exceeds_the_batch() {
     }
     unlimited(&db.pool).await;
     for want in [1, 3, 7, 9, 11] {
-        let got = postbox::store::claim(&db.pool, "w", want, Duration::from_secs(30))
+        let got = common::protocol::claim(&db.pool, "w", want, Duration::from_secs(30))
             .await
             .unwrap();
         assert!(

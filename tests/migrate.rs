@@ -191,7 +191,7 @@ async fn migrations_run_on_every_installed_postgresql() {
             .await
             .unwrap_or_else(|e| panic!("PostgreSQL {version}: {e}"));
         tx.commit().await.unwrap();
-        let claimed = postbox::store::claim(&pool, "w", 10, std::time::Duration::from_secs(60))
+        let claimed = common::protocol::claim(&pool, "w", 10, std::time::Duration::from_secs(60))
             .await
             .unwrap_or_else(|e| panic!("PostgreSQL {version}: {e}"));
         assert_eq!(

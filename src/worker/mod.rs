@@ -9,9 +9,9 @@
 //! away, so an outage loses no outcome.
 //!
 //! One file per job: this one holds the claim loop and shutdown;
-//! [`attempt`] makes one delivery attempt and decides what follows,
-//! [`recorder`] writes outcomes in batches, [`wake`] listens for NOTIFYs,
-//! [`retention`] prunes finished events, and [`db_error`] says which
+//! `attempt` makes one delivery attempt and decides what follows,
+//! `recorder` writes outcomes in batches, `wake` listens for NOTIFYs,
+//! `retention` prunes finished events, and `db_error` says which
 //! database errors are worth retrying and how long to wait (one backoff,
 //! `backon`'s).
 

@@ -2,6 +2,8 @@
 //! receiver on loopback.
 #![allow(dead_code)]
 
+pub mod protocol;
+
 use std::collections::HashMap;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
