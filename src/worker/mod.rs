@@ -35,7 +35,7 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 use crate::config::{ConfigError, WorkerConfig};
-use crate::delivery::{Client, ClientError, Secrets};
+use crate::delivery::{Client, ClientError};
 use crate::store::{self, Outcome};
 
 pub use wake::NOTIFY_CHANNEL;
@@ -85,24 +85,6 @@ impl WorkerBuilder {
     /// Replaces the whole configuration.
     pub fn config(mut self, config: WorkerConfig) -> Self {
         self.config = config;
-        self
-    }
-
-    /// Sets the worker id.
-    pub fn worker_id(mut self, id: impl Into<String>) -> Self {
-        self.config.worker_id = id.into();
-        self
-    }
-
-    /// Sets the default signing secrets.
-    pub fn signing_secret(mut self, secrets: Secrets) -> Self {
-        self.config.signing_secret = Some(secrets);
-        self
-    }
-
-    /// Exit once nothing is due or in flight.
-    pub fn until_empty(mut self, yes: bool) -> Self {
-        self.config.until_empty = yes;
         self
     }
 
