@@ -31,6 +31,12 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod db;
+mod procfs;
+mod receiver;
+mod report;
+mod verify;
+mod workers;
 
 use std::process::ExitCode;
 
@@ -89,7 +95,7 @@ pub async fn connect(url: &str, size: u32) -> Result<PgPool, Failure> {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Some(Command::Receiver(a)) => bench::receiver(a).await,
+        Some(Command::Receiver(a)) => receiver::receiver(a).await,
         None => bench::run(cli.bench).await,
     };
     match result {
