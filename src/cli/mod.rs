@@ -4,6 +4,7 @@
 
 mod admin;
 mod demo;
+mod endpoint;
 mod inspect;
 mod listen;
 mod metrics_server;
@@ -43,7 +44,7 @@ enum Command {
     /// Put failed (or chosen) events back to pending.
     Replay(admin::ReplayArgs),
     /// List, disable, enable, test an endpoint; set its secret, limits and retry policy.
-    Endpoint(admin::EndpointArgs),
+    Endpoint(endpoint::EndpointArgs),
     /// Look at events: `event show ID` prints one event's story.
     Event(inspect::EventArgs),
     /// Signing secrets: `secret new` prints a fresh `whsec_…`.
@@ -257,7 +258,7 @@ async fn run(command: Command, db: DbArgs) -> Result<(), Failure> {
         Command::Enqueue(args) => admin::enqueue(args, &db).await,
         Command::Status(args) => admin::status(args, &db).await,
         Command::Replay(args) => admin::replay(args, &db).await,
-        Command::Endpoint(args) => admin::endpoint(args, &db).await,
+        Command::Endpoint(args) => endpoint::endpoint(args, &db).await,
         Command::Event(args) => inspect::run(args, &db).await,
         Command::Secret(args) => admin::secret(args),
         Command::Listen(args) => listen::run(args).await,

@@ -144,7 +144,7 @@ struct Address {
 
 pub async fn run(a: ProbeArgs, pool: &PgPool) -> Result<(), Failure> {
     let (config, allow_unsigned) = a.worker_config()?;
-    let given = super::admin::read_secret(a.secret.clone(), a.secret_file.clone(), a.secret_env.clone())?;
+    let given = super::endpoint::read_secret(a.secret.clone(), a.secret_file.clone(), a.secret_env.clone())?;
     check_url(pool, &a.url, config.client.allow_http).await?;
     let known = find(pool, &a.url).await?;
 
