@@ -206,55 +206,35 @@ pub async fn endpoint(a: EndpointArgs, db: &DbArgs) -> Result<(), Failure> {
             };
             let schedule = retry_schedule.as_deref().map(parse_retry_schedule).transpose()?;
             let attempts = max_attempts.as_deref().map(parse_max_attempts).transpose()?;
-            // Written in one go; the table's CHECK constraints refuse a value
-            // out of range and the whole change is rolled back.
-            let mut tx = pool.begin().await?;
-            if secret.is_some() || default_secret {
-                sqlx::query("UPDATE postbox.endpoints SET secret = $2 WHERE id = $1")
-                    .bind(id)
-                    .bind(secret.as_deref())
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(endpoint_rule)?;
-            }
-            if let Some(n) = max_in_flight {
-                sqlx::query("UPDATE postbox.endpoints SET max_in_flight = $2 WHERE id = $1")
-                    .bind(id)
-                    .bind(n)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(endpoint_rule)?;
-            }
-            if let Some(r) = rate {
-                sqlx::query("UPDATE postbox.endpoints SET rate_per_minute = $2 WHERE id = $1")
-                    .bind(id)
-                    .bind(r)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(endpoint_rule)?;
-            }
-            if let Some(schedule) = &schedule {
-                sqlx::query(
-                    "UPDATE postbox.endpoints
-                     SET retry_schedule = (SELECT array_agg(us * interval '1 microsecond' ORDER BY i)
-                                           FROM unnest($2::bigint[]) WITH ORDINALITY AS u(us, i))
-                     WHERE id = $1",
-                )
-                .bind(id)
-                .bind(schedule)
-                .execute(&mut *tx)
-                .await
-                .map_err(endpoint_rule)?;
-            }
-            if let Some(n) = attempts {
-                sqlx::query("UPDATE postbox.endpoints SET max_attempts = $2 WHERE id = $1")
-                    .bind(id)
-                    .bind(n)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(endpoint_rule)?;
-            }
-            tx.commit().await?;
+            // One statement: the table's CHECK constraints refuse a value out
+            // of range, and then nothing is written. For each setting, $n
+            // says whether it was given and $n+1 is the new value (NULL =
+            // the default).
+            sqlx::query(
+                "UPDATE postbox.endpoints
+                 SET secret          = CASE WHEN $2 THEN $3 ELSE secret END,
+                     max_in_flight   = coalesce($4, max_in_flight),
+                     rate_per_minute = CASE WHEN $5 THEN $6 ELSE rate_per_minute END,
+                     retry_schedule  = CASE WHEN $7 THEN
+                                           (SELECT array_agg(us * interval '1 microsecond' ORDER BY i)
+                                            FROM unnest($8::bigint[]) WITH ORDINALITY AS u(us, i))
+                                       ELSE retry_schedule END,
+                     max_attempts    = CASE WHEN $9 THEN $10 ELSE max_attempts END
+                 WHERE id = $1",
+            )
+            .bind(id)
+            .bind(secret.is_some() || default_secret)
+            .bind(secret.as_deref())
+            .bind(max_in_flight)
+            .bind(rate.is_some())
+            .bind(rate.flatten())
+            .bind(schedule.is_some())
+            .bind(schedule.flatten())
+            .bind(attempts.is_some())
+            .bind(attempts.flatten())
+            .execute(&pool)
+            .await
+            .map_err(endpoint_rule)?;
             println!("endpoint {id} updated");
             if attempts.is_some() {
                 println!("(max attempts apply to events enqueued from now on; events already enqueued keep theirs)");
