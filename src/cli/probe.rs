@@ -10,7 +10,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use postbox::config::parse_bool;
 use postbox::delivery::guard::{classify, Reserved};
-use postbox::delivery::{Client, ClientError, Decision, ErrorKind, Next, Response, Secrets};
+use postbox::delivery::{Client, Decision, ErrorKind, Next, Response, Secrets};
 use postbox::{ConfigError, Message, Payload, WorkerConfig};
 use serde_json::{json, Value};
 use sqlx::{PgPool, Row};
@@ -194,14 +194,7 @@ pub async fn run(a: ProbeArgs, pool: &PgPool) -> Result<(), Failure> {
         .as_ref()
         .map(|s| s.sign(&webhook_id.to_string(), now.timestamp(), &body));
     let (addresses, resolve_error) = resolve(&a.url, &config).await;
-    // As at worker start-up: only the extra CA file is a setting to fix.
-    let client = Client::new(config.client.clone()).map_err(|e| match e {
-        ClientError::BadCaCert(m) => Failure::Config(ConfigError::new(
-            "POSTBOX_CA_CERT",
-            format!("the CA certificate file is not valid PEM: {m}"),
-        )),
-        other => Failure::Runtime(other.to_string()),
-    })?;
+    let client = Client::new(config.client.clone()).map_err(super::worker::client_failure)?;
     let resp = client
         .post(
             &a.url,

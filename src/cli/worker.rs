@@ -276,6 +276,19 @@ impl WorkerArgs {
     }
 }
 
+/// Why the HTTP client could not be built: only the extra CA file is a
+/// setting to fix (exit 2); anything else reqwest refuses is a fault of
+/// this build or machine, not of the configuration.
+pub(super) fn client_failure(e: ClientError) -> Failure {
+    match e {
+        ClientError::BadCaCert(m) => Failure::Config(ConfigError::new(
+            "POSTBOX_CA_CERT",
+            format!("the CA certificate file is not valid PEM: {m}"),
+        )),
+        other => Failure::Runtime(other.to_string()),
+    }
+}
+
 pub async fn run(args: WorkerArgs, db: &DbArgs) -> Result<(), Failure> {
     let config = args.config().map_err(Failure::Config)?;
     if config.signing_secret.is_none() {
@@ -300,13 +313,7 @@ pub async fn run(args: WorkerArgs, db: &DbArgs) -> Result<(), Failure> {
     }
     let worker = Worker::builder(pool).config(config).build().map_err(|e| match e {
         postbox::WorkerError::Config(c) => Failure::Config(c),
-        // Only the extra CA file is ours to fix; anything else reqwest
-        // refuses is a fault of this build or machine, not a setting.
-        postbox::WorkerError::Client(ClientError::BadCaCert(m)) => Failure::Config(ConfigError::new(
-            "POSTBOX_CA_CERT",
-            format!("the CA certificate file is not valid PEM: {m}"),
-        )),
-        postbox::WorkerError::Client(other) => Failure::Runtime(other.to_string()),
+        postbox::WorkerError::Client(c) => client_failure(c),
     })?;
     let stats = worker.run(super::shutdown_signal()).await;
     tracing::info!(
