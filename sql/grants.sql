@@ -93,7 +93,8 @@ GRANT UPDATE (disabled_at, disabled_reason) ON postbox.endpoints TO :"worker_rol
 -- Claims, outcomes and releases keep each endpoint's dispatch state.
 GRANT SELECT, UPDATE ON postbox.endpoint_state TO :"worker_role";
 -- Claims lease events; outcomes and releases end leases; retention deletes
--- finished events (their attempts go with them through the foreign key).
+-- finished events (their attempts go with them, deleted by a trigger that runs
+-- with the owner's rights, migration 0005).
 -- The payload, the event's identity and its ordering are never written.
 GRANT SELECT, DELETE ON postbox.outbox TO :"worker_role";
 GRANT UPDATE (status, attempts, max_attempts, next_attempt_at, noticed, locked_by, locked_until,

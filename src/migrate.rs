@@ -52,6 +52,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!("0002_dispatch"),
     migration!("0003_operations"),
     migration!("0004_operator_actions"),
+    migration!("0005_attempt_log"),
 ];
 
 /// Advisory lock key taken while migrating ("postbox" in ASCII).

@@ -22,8 +22,9 @@ pub struct Claimed {
     pub attempt: i32,
     /// Attempts allowed in all.
     pub max_attempts: i32,
-    /// The webhook body.
-    pub payload: serde_json::Value,
+    /// The webhook body, exactly as stored: sent as it is, never parsed
+    /// into a tree and written out again.
+    pub payload: sqlx::types::Json<Box<serde_json::value::RawValue>>,
     /// The endpoint row.
     pub endpoint_id: i64,
     /// Where to send it.
@@ -37,6 +38,30 @@ pub struct Claimed {
 }
 
 impl Claimed {
+    /// The event's conversation and message ids, for log lines (empty when
+    /// the body does not hold them).
+    pub fn support_ids(&self) -> (String, String) {
+        #[derive(serde::Deserialize)]
+        struct Body<'a> {
+            #[serde(borrow, default)]
+            conversation_id: Option<std::borrow::Cow<'a, str>>,
+            #[serde(borrow, default)]
+            data: Option<Data<'a>>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Data<'a> {
+            #[serde(borrow, default)]
+            id: Option<std::borrow::Cow<'a, str>>,
+        }
+        match serde_json::from_str::<Body>(self.payload.0.get()) {
+            Ok(b) => (
+                b.conversation_id.map(|c| c.into_owned()).unwrap_or_default(),
+                b.data.and_then(|d| d.id).map(|c| c.into_owned()).unwrap_or_default(),
+            ),
+            Err(_) => Default::default(),
+        }
+    }
+
     /// The endpoint's own retry schedule, when it has one.
     pub fn own_schedule(&self) -> Option<Vec<Duration>> {
         let s = self.retry_schedule.as_ref()?;

@@ -38,6 +38,10 @@ async fn exec(pool: &PgPool, sql: &str) {
     sqlx::query(sql).execute(pool).await.unwrap();
 }
 
+async fn count(pool: &PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
 fn outcome(id: Uuid, attempt: i32, status: u16, next: Next) -> Outcome {
     Outcome {
         id,
@@ -621,4 +625,64 @@ async fn endpoints_left_out_of_a_full_batch_stay_due() {
         sorted([a, b].concat()),
         "every expired lease is taken back"
     );
+}
+
+/// An event's attempts go with it, however it is deleted (plain SQL, retention, TRUNCATE), and a late 2xx never logs an attempt for an event deleted meanwhile: the log holds no entry without its event.
+#[tokio::test]
+async fn attempts_never_outlive_their_event() {
+    let db = TestDb::new().await;
+    let p = &db.pool;
+    let policy = BreakerPolicy::default();
+    let ids = enqueue_bulk(p, "https://example.com/hook", 4, None).await;
+    let claimed = claim(p, "w", 4, LEASE).await.unwrap();
+    assert_eq!(claimed.len(), 4);
+    let done: Vec<Outcome> = claimed
+        .iter()
+        .map(|c| outcome(c.id, c.attempt, 200, Next::Delivered))
+        .collect();
+    assert_eq!(record(p, "w", &done, &policy).await.unwrap().len(), 4);
+    for id in &ids {
+        assert_eq!(attempts_of(p, *id).await.len(), 1);
+    }
+    let orphans = "SELECT count(*) FROM postbox.attempts a
+                   WHERE NOT EXISTS (SELECT 1 FROM postbox.outbox o WHERE o.id = a.outbox_id)";
+
+    // A late 2xx for an event whose DELETE is not committed yet waits for it,
+    // then finds the event gone and logs nothing.
+    let mut delete = p.begin().await.unwrap();
+    sqlx::query("DELETE FROM postbox.outbox WHERE id = $1")
+        .bind(ids[0])
+        .execute(&mut *delete)
+        .await
+        .unwrap();
+    let pool = p.clone();
+    let late = outcome(ids[0], 2, 200, Next::Delivered);
+    let policy2 = policy.clone();
+    let recording = tokio::spawn(async move { record(&pool, "late", &[late], &policy2).await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!recording.is_finished(), "the late 2xx waits for the DELETE");
+    delete.commit().await.unwrap();
+    assert!(recording.await.unwrap().is_empty());
+    assert!(attempts_of(p, ids[0]).await.is_empty(), "no entry for a deleted event");
+
+    // A late 2xx for an event that exists is logged (a second answer).
+    record(p, "late", &[outcome(ids[1], 2, 200, Next::Delivered)], &policy)
+        .await
+        .unwrap();
+    assert_eq!(attempts_of(p, ids[1]).await.len(), 2);
+
+    // Plain SQL, retention and TRUNCATE each take the attempts along.
+    exec(p, &format!("DELETE FROM postbox.outbox WHERE id = '{}'", ids[1])).await;
+    assert!(attempts_of(p, ids[1]).await.is_empty());
+    exec(
+        p,
+        &format!("UPDATE postbox.outbox SET status = 'pending' WHERE id = '{}'", ids[3]),
+    )
+    .await;
+    assert_eq!(common::protocol::prune(p, Duration::ZERO, None, 100).await.unwrap(), Some(1));
+    assert!(attempts_of(p, ids[2]).await.is_empty(), "pruned with its event");
+    assert_eq!(attempts_of(p, ids[3]).await.len(), 1, "a kept event keeps its log");
+    assert_eq!(count(p, orphans).await, 0);
+    exec(p, "TRUNCATE postbox.outbox").await;
+    assert_eq!(count(p, "SELECT count(*) FROM postbox.attempts").await, 0);
 }

@@ -680,7 +680,12 @@ async fn worker_role_runs_the_binary_but_cannot_migrate() {
     let out = run_async(migrate).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("permission denied"), "{stderr}");
+    // Refused for want of a right: a missing grant, or ownership (which
+    // ALTER TABLE needs), depending on what the latest migration does first.
+    assert!(
+        stderr.contains("permission denied") || stderr.contains("must be owner"),
+        "{stderr}"
+    );
     assert_eq!(
         count(
             &db.pool,

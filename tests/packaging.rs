@@ -65,6 +65,19 @@ fn the_copied_files_are_a_buildable_workspace() {
     for path in copied_paths() {
         copy_tree(&Path::new(ROOT).join(&path), &dir.join(&path));
     }
+    // `cargo metadata` reads the manifest of every locked package, for
+    // every platform; a test build downloads only the host's. Fetch the
+    // rest into the local cache first (a no-op once they are there).
+    let fetched = Command::new(env!("CARGO"))
+        .args(["fetch", "--locked"])
+        .current_dir(ROOT)
+        .output()
+        .unwrap();
+    assert!(
+        fetched.status.success(),
+        "cargo fetch: {}",
+        String::from_utf8_lossy(&fetched.stderr)
+    );
     // What `cargo build --locked --bin postbox` reads first: every manifest
     // of the workspace and the lock file, resolvable without the network.
     let out = Command::new(env!("CARGO"))

@@ -22,8 +22,8 @@ pub(super) fn unit_random() -> f64 {
 /// Delivers one claimed event and hands the outcome to the recorder.
 #[tracing::instrument(skip_all, fields(
     event_id = %row.id,
-    conversation_id = row.payload["conversation_id"].as_str().unwrap_or_default(),
-    message_id = row.payload["data"]["id"].as_str().unwrap_or_default(),
+    conversation_id = tracing::field::Empty,
+    message_id = tracing::field::Empty,
     endpoint_id = row.endpoint_id,
     attempt = row.attempt,
 ))]
@@ -34,7 +34,14 @@ pub(super) async fn deliver(shared: Arc<Shared>, row: Claimed, claimed: Instant,
     let started_at = row.claimed_at + claimed.elapsed();
     let timestamp = started_at.timestamp();
     let id = row.id.to_string();
-    let body = Bytes::from(serde_json::to_vec(&row.payload).expect("JSON values always serialise"));
+    let span = tracing::Span::current();
+    if !span.is_disabled() {
+        let (conversation_id, message_id) = row.support_ids();
+        span.record("conversation_id", conversation_id.as_str());
+        span.record("message_id", message_id.as_str());
+    }
+    let own_schedule = row.own_schedule();
+    let body = Bytes::from(Box::<str>::from(row.payload.0).into_boxed_bytes());
     let own;
     let secrets = match row.secret.as_deref().map(Secrets::parse) {
         Some(Ok(s)) => {
@@ -53,7 +60,6 @@ pub(super) async fn deliver(shared: Arc<Shared>, row: Claimed, claimed: Instant,
         .post(&row.url, &id, timestamp, signature.as_deref(), body)
         .await;
 
-    let own_schedule = row.own_schedule();
     let decision = config.retry.decide_with(
         own_schedule.as_deref(),
         row.attempt,
