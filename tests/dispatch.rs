@@ -679,7 +679,10 @@ async fn attempts_never_outlive_their_event() {
         &format!("UPDATE postbox.outbox SET status = 'pending' WHERE id = '{}'", ids[3]),
     )
     .await;
-    assert_eq!(common::protocol::prune(p, Duration::ZERO, None, 100).await.unwrap(), Some(1));
+    assert_eq!(
+        common::protocol::prune(p, Duration::ZERO, None, 100).await.unwrap(),
+        Some(1)
+    );
     assert!(attempts_of(p, ids[2]).await.is_empty(), "pruned with its event");
     assert_eq!(attempts_of(p, ids[3]).await.len(), 1, "a kept event keeps its log");
     assert_eq!(count(p, orphans).await, 0);
