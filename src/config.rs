@@ -10,7 +10,10 @@ use crate::delivery::{ClientConfig, RetryPolicy, Secrets};
 pub struct WorkerConfig {
     /// Written to `locked_by` and `attempts.worker_id`; unique per process.
     pub worker_id: String,
-    /// Deliveries in flight at once in this process.
+    /// Deliveries in flight at once in this process. The default, 256, is
+    /// sized for receivers that take tens to hundreds of milliseconds (a
+    /// worker then sustains about 256 ÷ latency deliveries a second); the
+    /// per-endpoint `max_in_flight` is what protects any one receiver.
     pub concurrency: usize,
     /// Most events claimed by one claim statement.
     pub batch_size: usize,
@@ -50,7 +53,7 @@ impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
             worker_id: default_worker_id(),
-            concurrency: 64,
+            concurrency: 256,
             batch_size: 100,
             poll_interval: Duration::from_secs(1),
             lease: Duration::from_secs(60),

@@ -48,7 +48,7 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     pub(crate) workers: Vec<usize>,
     /// POSTBOX_CONCURRENCY of each worker (drain and latency).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 256)]
     pub(crate) concurrency: usize,
     /// POSTBOX_CONCURRENCY of each worker when the receiver is slow.
     #[arg(long, default_value_t = 256)]
