@@ -139,8 +139,10 @@ BEGIN
     -- locked first (FOR KEY SHARE, as the foreign key did), so a concurrent
     -- DELETE either waits for this entry and removes it with the event, or
     -- has removed the event and nothing is logged.
-    IF EXISTS (SELECT 1 FROM unnest(record.ids, record.kinds) AS x(id, kind)
-               WHERE x.kind = 'delivered' AND x.id <> ALL (coalesce(d_ids, '{}'))) THEN
+    -- (Usually every outcome was applied: then there is nothing to look for.)
+    IF coalesce(cardinality(d_ids), 0) < cardinality(record.ids)
+       AND EXISTS (SELECT 1 FROM unnest(record.ids, record.kinds) AS x(id, kind)
+                   WHERE x.kind = 'delivered' AND x.id <> ALL (coalesce(d_ids, '{}'))) THEN
         INSERT INTO postbox.attempts AS a (outbox_id, attempt, worker_id, started_at, duration_ms, status_code,
                                            error_kind, error, response_body)
         SELECT r.id, r.attempt, record.worker_id, r.started_at, r.duration_ms, r.status_code, r.error_kind,
