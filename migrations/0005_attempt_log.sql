@@ -15,7 +15,12 @@
 -- rows are deleted, in a statement that sees every attempt committed before
 -- it started. An attempt written concurrently was written while its writer
 -- held the event's row lock, which the DELETE of that row waited for; so it
--- was committed before the DELETE went on, and the trigger sees it.
+-- was committed before the DELETE went on, and the trigger sees it. That
+-- holds for a DELETE in READ COMMITTED (the default, and what retention
+-- uses). A REPEATABLE READ or SERIALIZABLE transaction reads with its first
+-- snapshot: it fails with a serialization error if a claim or outcome
+-- updated the row meanwhile, but a late 2xx only locks the row, so its log
+-- entry may then outlive the event. Delete events in READ COMMITTED.
 
 ALTER TABLE postbox.attempts DROP CONSTRAINT attempts_outbox_id_fkey;
 

@@ -4,6 +4,7 @@
 //! no transaction or row lock is ever held across an HTTP request. All times
 //! are the database's `now()`.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -39,24 +40,24 @@ pub struct Claimed {
 
 impl Claimed {
     /// The event's conversation and message ids, for log lines (empty when
-    /// the body does not hold them).
-    pub fn support_ids(&self) -> (String, String) {
+    /// the body does not hold them), borrowed from the body.
+    pub fn support_ids(&self) -> (Cow<'_, str>, Cow<'_, str>) {
         #[derive(serde::Deserialize)]
         struct Body<'a> {
             #[serde(borrow, default)]
-            conversation_id: Option<std::borrow::Cow<'a, str>>,
+            conversation_id: Option<Cow<'a, str>>,
             #[serde(borrow, default)]
             data: Option<Data<'a>>,
         }
         #[derive(serde::Deserialize)]
         struct Data<'a> {
             #[serde(borrow, default)]
-            id: Option<std::borrow::Cow<'a, str>>,
+            id: Option<Cow<'a, str>>,
         }
         match serde_json::from_str::<Body>(self.payload.0.get()) {
             Ok(b) => (
-                b.conversation_id.map(|c| c.into_owned()).unwrap_or_default(),
-                b.data.and_then(|d| d.id).map(|c| c.into_owned()).unwrap_or_default(),
+                b.conversation_id.unwrap_or_default(),
+                b.data.and_then(|d| d.id).unwrap_or_default(),
             ),
             Err(_) => Default::default(),
         }

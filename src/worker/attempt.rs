@@ -37,8 +37,8 @@ pub(super) async fn deliver(shared: Arc<Shared>, row: Claimed, claimed: Instant,
     let span = tracing::Span::current();
     if !span.is_disabled() {
         let (conversation_id, message_id) = row.support_ids();
-        span.record("conversation_id", conversation_id.as_str());
-        span.record("message_id", message_id.as_str());
+        span.record("conversation_id", &*conversation_id);
+        span.record("message_id", &*message_id);
     }
     let own_schedule = row.own_schedule();
     let body = Bytes::from(Box::<str>::from(row.payload.0).into_boxed_bytes());
