@@ -53,6 +53,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!("0003_operations"),
     migration!("0004_operator_actions"),
     migration!("0005_attempt_log"),
+    migration!("0006_set_claim"),
 ];
 
 /// Advisory lock key taken while migrating ("postbox" in ASCII).
