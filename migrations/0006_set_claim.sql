@@ -62,6 +62,7 @@ DECLARE
     -- one endpoint, pass A
     flying integer;
     lease_check timestamptz;
+    recounted boolean;
     counts integer[];
     used integer;
     due boolean;
@@ -71,6 +72,7 @@ DECLARE
     p_eid bigint[];
     p_n integer[];
     p_flying integer[];
+    p_recounted boolean[];
     p_lease_check timestamptz[];
     p_used integer[];
     p_held text[];
@@ -92,6 +94,14 @@ DECLARE
     b_heads integer[];
     b_waiting integer[];
     b_first uuid[];
+    -- pass B for a single endpoint
+    planned integer;
+    j integer;
+    k_new integer;
+    k_expired integer;
+    k_looked integer;
+    k_heads integer;
+    k_first uuid;
     -- one endpoint, pass C
     started integer;
     waiting integer;
@@ -157,9 +167,11 @@ BEGIN
         budget := max_rows - got;
         share := greatest(1, ceil(budget::numeric / cardinality(eps)))::int;
         p_eid := '{}'; p_n := '{}'; p_flying := '{}'; p_lease_check := '{}'; p_used := '{}';
+        p_recounted := '{}';
         p_held := '{}'; p_max := '{}'; p_rate := '{}'; p_probing := '{}'; p_paused := '{}';
         p_breaker := '{}'; p_probe_until := '{}'; p_free_at := '{}'; p_url := '{}'; p_secret := '{}';
         p_schedule := '{}';
+        planned := 0;
 
         -- Pass A: may each endpoint receive, and how many events may it take?
         FOR ep IN
@@ -185,7 +197,8 @@ BEGIN
             -- may have expired.
             flying := ep.in_flight;
             lease_check := ep.lease_check_at;
-            IF flying >= ep.max_in_flight OR lease_check <= now() THEN
+            recounted := flying >= ep.max_in_flight OR coalesce(lease_check <= now(), false);
+            IF recounted THEN
                 SELECT count(*)::int, min(f.locked_until) INTO flying, lease_check
                 FROM postbox.outbox f
                 WHERE f.endpoint_id = ep.eid AND f.status = 'pending'
@@ -223,8 +236,13 @@ BEGIN
                                  CASE WHEN ep.breaker_open_until IS NOT NULL THEN 1 ELSE share END) END;
             budget := budget - n;
             p_eid := p_eid || ep.eid;
+            IF n > 0 THEN
+                planned := planned + 1;
+                j := cardinality(p_eid);
+            END IF;
             p_n := p_n || n;
             p_flying := p_flying || flying;
+            p_recounted := p_recounted || recounted;
             p_lease_check := p_lease_check || lease_check;
             p_used := p_used || used;
             p_held := p_held || held;
@@ -245,85 +263,166 @@ BEGIN
         END LOOP;
 
         -- Pass B: every planned endpoint's due events, oldest first, one past
-        -- its budget (to know whether more are due), in one statement.
-        WITH plan AS (
-            SELECT p.eid, p.n, p.url, p.secret, p.schedule
-            FROM unnest(p_eid, p_n, p_url, p_secret, p_schedule) AS p(eid, n, url, secret, schedule)
-            WHERE p.n > 0
-        ), cand AS (
-            SELECT c.* FROM plan p CROSS JOIN LATERAL (
-                SELECT o.id, o.endpoint_id AS eid, o.seq, o.next_attempt_at, o.attempts, o.max_attempts,
-                       o.locked_by, o.last_attempt_at,
+        -- its budget (to know whether more are due), in one statement. A
+        -- plan is set up anew on every call, so a round that serves a
+        -- single endpoint (the usual case at low rates, and with one busy
+        -- endpoint) runs the same steps in a statement made for one
+        -- endpoint, a fraction of the size; a round that serves none runs
+        -- none.
+        r_ids := NULL; r_attempts := NULL; r_max := NULL; r_payloads := NULL;
+        r_eids := NULL; r_urls := NULL; r_secrets := NULL; r_schedules := NULL;
+        IF planned <= 1 THEN
+            k := cardinality(p_eid);
+            b_started := array_fill(0, ARRAY[k]);
+            b_new := b_started;
+            b_expired := b_started;
+            b_looked := b_started;
+            b_heads := b_started;
+            b_waiting := b_started;
+            b_first := array_fill(NULL::uuid, ARRAY[k]);
+        END IF;
+        IF planned = 1 THEN
+            WITH cand AS (
+                SELECT o.id, o.seq, o.next_attempt_at, o.attempts, o.max_attempts, o.locked_by,
+                       o.last_attempt_at,
                        o.locked_by IS NOT NULL AND o.attempts >= o.max_attempts AS exhausted,
                        (o.ordering_key IS NULL OR NOT EXISTS (
                            SELECT 1 FROM postbox.outbox h
                            WHERE h.endpoint_id = o.endpoint_id AND h.ordering_key = o.ordering_key
                              AND h.status = 'pending' AND h.seq < o.seq)) AS head
                 FROM postbox.outbox o
-                WHERE o.endpoint_id = p.eid AND o.status = 'pending' AND o.next_attempt_at <= now()
+                WHERE o.endpoint_id = p_eid[j] AND o.status = 'pending' AND o.next_attempt_at <= now()
                 ORDER BY o.next_attempt_at
-                LIMIT p.n + 1
-                FOR UPDATE OF o SKIP LOCKED) c
-        ), chosen AS (
-            SELECT r.* FROM (
-                SELECT c.*, row_number() OVER (PARTITION BY c.eid ORDER BY c.next_attempt_at, c.seq) AS rank
-                FROM cand c WHERE c.head AND NOT c.exhausted) r
-            JOIN plan p ON p.eid = r.eid
-            WHERE r.rank <= p.n
-        ), exhausted AS (
-            UPDATE postbox.outbox o
-            SET status = 'failed', locked_by = NULL, locked_until = NULL, noticed = true,
-                last_error = 'other: lease expired on the final attempt'
-            WHERE o.id = ANY (ARRAY(SELECT c.id FROM cand c WHERE c.exhausted))
-            RETURNING o.id, o.endpoint_id
-        ), lost AS (
-            INSERT INTO postbox.attempts (outbox_id, attempt, worker_id, started_at, duration_ms,
-                                          error_kind, error)
-            SELECT c.id, c.attempts, c.locked_by, coalesce(c.last_attempt_at, now()),
-                   (extract(epoch FROM now() - coalesce(c.last_attempt_at, now())) * 1000)::int,
-                   'other', 'lease expired: the worker stopped before recording an outcome'
-            FROM cand c
-            WHERE c.locked_by IS NOT NULL AND c.attempts > 0
-              AND (c.exhausted OR c.id IN (SELECT ch.id FROM chosen ch))
-            ON CONFLICT ON CONSTRAINT attempts_pkey DO NOTHING
-        ), claimed AS (
-            UPDATE postbox.outbox o
-            SET attempts = o.attempts + 1, locked_by = claim.worker_id, locked_until = now() + lease,
-                next_attempt_at = now() + lease, last_attempt_at = now(), noticed = true
-            -- Driven by the ids alone: a join with chosen would probe the
-            -- whole id list once per chosen row.
-            WHERE o.id = ANY (ARRAY(SELECT ch.id FROM chosen ch))
-            RETURNING o.id, o.endpoint_id, o.attempts, o.max_attempts, o.payload,
-                      -- a lease taken back from a worker that stopped (it still counts in flight)
-                      o.id = ANY (ARRAY(SELECT ch.id FROM chosen ch WHERE ch.locked_by IS NOT NULL)) AS relet
-        )
-        SELECT r.ids, r.attempts, r.maxs, r.payloads, r.eids, r.urls, r.secrets, r.schedules,
-               s.started, s.new_leases, s.expired, s.looked, s.heads, s.waiting, s.first
-        INTO r_ids, r_attempts, r_max, r_payloads, r_eids, r_urls, r_secrets, r_schedules,
-             b_started, b_new, b_expired, b_looked, b_heads, b_waiting, b_first
-        FROM (SELECT array_agg(c.id) AS ids, array_agg(c.attempts) AS attempts,
-                     array_agg(c.max_attempts) AS maxs, array_agg(c.payload) AS payloads,
-                     array_agg(c.endpoint_id) AS eids, array_agg(p.url) AS urls,
-                     array_agg(p.secret) AS secrets, array_agg(p.schedule) AS schedules
-              FROM claimed c JOIN plan p ON p.eid = c.endpoint_id) r,
-             (SELECT array_agg(coalesce(cl.started, 0) ORDER BY l.ord) AS started,
-                     array_agg(coalesce(cl.new_leases, 0) ORDER BY l.ord) AS new_leases,
-                     array_agg(coalesce(ex.expired, 0) ORDER BY l.ord) AS expired,
-                     array_agg(coalesce(ca.looked, 0) ORDER BY l.ord) AS looked,
-                     array_agg(coalesce(ca.heads, 0) ORDER BY l.ord) AS heads,
-                     array_agg(coalesce(ca.waiting, 0) ORDER BY l.ord) AS waiting,
-                     array_agg(cl.first ORDER BY l.ord) AS first
-              FROM unnest(p_eid) WITH ORDINALITY AS l(eid, ord)
-              LEFT JOIN (SELECT c.endpoint_id AS eid, count(*)::int AS started,
-                                (count(*) FILTER (WHERE NOT c.relet))::int AS new_leases,
-                                (array_agg(c.id))[1] AS first
-                         FROM claimed c GROUP BY c.endpoint_id) cl ON cl.eid = l.eid
-              LEFT JOIN (SELECT x.eid, count(*)::int AS looked,
-                                (count(*) FILTER (WHERE x.head AND NOT x.exhausted))::int AS heads,
-                                (count(*) FILTER (WHERE NOT x.head AND x.locked_by IS NULL))::int AS waiting
-                         FROM cand x GROUP BY x.eid) ca ON ca.eid = l.eid
-              LEFT JOIN (SELECT x.endpoint_id AS eid, count(*)::int AS expired
-                         FROM exhausted x GROUP BY x.endpoint_id) ex ON ex.eid = l.eid) s;
+                LIMIT p_n[j] + 1
+                FOR UPDATE OF o SKIP LOCKED
+            ), chosen AS (
+                SELECT c.* FROM cand c WHERE c.head AND NOT c.exhausted
+                ORDER BY c.next_attempt_at, c.seq LIMIT p_n[j]
+            ), exhausted AS (
+                UPDATE postbox.outbox o
+                SET status = 'failed', locked_by = NULL, locked_until = NULL, noticed = true,
+                    last_error = 'other: lease expired on the final attempt'
+                WHERE o.id = ANY (ARRAY(SELECT c.id FROM cand c WHERE c.exhausted))
+                RETURNING o.id
+            ), lost AS (
+                INSERT INTO postbox.attempts (outbox_id, attempt, worker_id, started_at, duration_ms,
+                                              error_kind, error)
+                SELECT c.id, c.attempts, c.locked_by, coalesce(c.last_attempt_at, now()),
+                       (extract(epoch FROM now() - coalesce(c.last_attempt_at, now())) * 1000)::int,
+                       'other', 'lease expired: the worker stopped before recording an outcome'
+                FROM cand c
+                WHERE c.locked_by IS NOT NULL AND c.attempts > 0
+                  AND (c.exhausted OR c.id IN (SELECT ch.id FROM chosen ch))
+                ON CONFLICT ON CONSTRAINT attempts_pkey DO NOTHING
+            ), claimed AS (
+                UPDATE postbox.outbox o
+                SET attempts = o.attempts + 1, locked_by = claim.worker_id, locked_until = now() + lease,
+                    next_attempt_at = now() + lease, last_attempt_at = now(), noticed = true
+                WHERE o.id = ANY (ARRAY(SELECT ch.id FROM chosen ch))
+                RETURNING o.id, o.attempts, o.max_attempts, o.payload,
+                          o.id = ANY (ARRAY(SELECT ch.id FROM chosen ch WHERE ch.locked_by IS NOT NULL)) AS relet
+            )
+            SELECT array_agg(c.id), array_agg(c.attempts), array_agg(c.max_attempts), array_agg(c.payload),
+                   count(*)::int, (count(*) FILTER (WHERE NOT c.relet))::int, (array_agg(c.id))[1],
+                   (SELECT count(*) FROM exhausted)::int, (SELECT count(*) FROM cand)::int,
+                   (SELECT count(*) FROM cand x WHERE x.head AND NOT x.exhausted)::int,
+                   (SELECT count(*) FROM cand x WHERE NOT x.head AND x.locked_by IS NULL)::int
+            INTO r_ids, r_attempts, r_max, r_payloads, started, k_new, k_first, k_expired, k_looked, k_heads,
+                 waiting
+            FROM claimed c;
+            b_started[j] := started;
+            b_new[j] := k_new;
+            b_expired[j] := k_expired;
+            b_looked[j] := k_looked;
+            b_heads[j] := k_heads;
+            b_waiting[j] := waiting;
+            b_first[j] := k_first;
+            IF r_ids IS NOT NULL THEN
+                r_eids := array_fill(p_eid[j], ARRAY[started]);
+                r_urls := array_fill(p_url[j], ARRAY[started]);
+                r_secrets := array_fill(p_secret[j], ARRAY[started]);
+                r_schedules := array_fill(p_schedule[j], ARRAY[started]);
+            END IF;
+        ELSIF planned > 1 THEN
+            WITH plan AS (
+                SELECT p.eid, p.n, p.url, p.secret, p.schedule
+                FROM unnest(p_eid, p_n, p_url, p_secret, p_schedule) AS p(eid, n, url, secret, schedule)
+                WHERE p.n > 0
+            ), cand AS (
+                SELECT c.* FROM plan p CROSS JOIN LATERAL (
+                    SELECT o.id, o.endpoint_id AS eid, o.seq, o.next_attempt_at, o.attempts, o.max_attempts,
+                           o.locked_by, o.last_attempt_at,
+                           o.locked_by IS NOT NULL AND o.attempts >= o.max_attempts AS exhausted,
+                           (o.ordering_key IS NULL OR NOT EXISTS (
+                               SELECT 1 FROM postbox.outbox h
+                               WHERE h.endpoint_id = o.endpoint_id AND h.ordering_key = o.ordering_key
+                                 AND h.status = 'pending' AND h.seq < o.seq)) AS head
+                    FROM postbox.outbox o
+                    WHERE o.endpoint_id = p.eid AND o.status = 'pending' AND o.next_attempt_at <= now()
+                    ORDER BY o.next_attempt_at
+                    LIMIT p.n + 1
+                    FOR UPDATE OF o SKIP LOCKED) c
+            ), chosen AS (
+                SELECT r.* FROM (
+                    SELECT c.*, row_number() OVER (PARTITION BY c.eid ORDER BY c.next_attempt_at, c.seq) AS rank
+                    FROM cand c WHERE c.head AND NOT c.exhausted) r
+                JOIN plan p ON p.eid = r.eid
+                WHERE r.rank <= p.n
+            ), exhausted AS (
+                UPDATE postbox.outbox o
+                SET status = 'failed', locked_by = NULL, locked_until = NULL, noticed = true,
+                    last_error = 'other: lease expired on the final attempt'
+                WHERE o.id = ANY (ARRAY(SELECT c.id FROM cand c WHERE c.exhausted))
+                RETURNING o.id, o.endpoint_id
+            ), lost AS (
+                INSERT INTO postbox.attempts (outbox_id, attempt, worker_id, started_at, duration_ms,
+                                              error_kind, error)
+                SELECT c.id, c.attempts, c.locked_by, coalesce(c.last_attempt_at, now()),
+                       (extract(epoch FROM now() - coalesce(c.last_attempt_at, now())) * 1000)::int,
+                       'other', 'lease expired: the worker stopped before recording an outcome'
+                FROM cand c
+                WHERE c.locked_by IS NOT NULL AND c.attempts > 0
+                  AND (c.exhausted OR c.id IN (SELECT ch.id FROM chosen ch))
+                ON CONFLICT ON CONSTRAINT attempts_pkey DO NOTHING
+            ), claimed AS (
+                UPDATE postbox.outbox o
+                SET attempts = o.attempts + 1, locked_by = claim.worker_id, locked_until = now() + lease,
+                    next_attempt_at = now() + lease, last_attempt_at = now(), noticed = true
+                -- Driven by the ids alone: a join with chosen would probe the
+                -- whole id list once per chosen row.
+                WHERE o.id = ANY (ARRAY(SELECT ch.id FROM chosen ch))
+                RETURNING o.id, o.endpoint_id, o.attempts, o.max_attempts, o.payload,
+                          -- a lease taken back from a worker that stopped (it still counts in flight)
+                          o.id = ANY (ARRAY(SELECT ch.id FROM chosen ch WHERE ch.locked_by IS NOT NULL)) AS relet
+            )
+            SELECT r.ids, r.attempts, r.maxs, r.payloads, r.eids, r.urls, r.secrets, r.schedules,
+                   s.started, s.new_leases, s.expired, s.looked, s.heads, s.waiting, s.first
+            INTO r_ids, r_attempts, r_max, r_payloads, r_eids, r_urls, r_secrets, r_schedules,
+                 b_started, b_new, b_expired, b_looked, b_heads, b_waiting, b_first
+            FROM (SELECT array_agg(c.id) AS ids, array_agg(c.attempts) AS attempts,
+                         array_agg(c.max_attempts) AS maxs, array_agg(c.payload) AS payloads,
+                         array_agg(c.endpoint_id) AS eids, array_agg(p.url) AS urls,
+                         array_agg(p.secret) AS secrets, array_agg(p.schedule) AS schedules
+                  FROM claimed c JOIN plan p ON p.eid = c.endpoint_id) r,
+                 (SELECT array_agg(coalesce(cl.started, 0) ORDER BY l.ord) AS started,
+                         array_agg(coalesce(cl.new_leases, 0) ORDER BY l.ord) AS new_leases,
+                         array_agg(coalesce(ex.expired, 0) ORDER BY l.ord) AS expired,
+                         array_agg(coalesce(ca.looked, 0) ORDER BY l.ord) AS looked,
+                         array_agg(coalesce(ca.heads, 0) ORDER BY l.ord) AS heads,
+                         array_agg(coalesce(ca.waiting, 0) ORDER BY l.ord) AS waiting,
+                         array_agg(cl.first ORDER BY l.ord) AS first
+                  FROM unnest(p_eid) WITH ORDINALITY AS l(eid, ord)
+                  LEFT JOIN (SELECT c.endpoint_id AS eid, count(*)::int AS started,
+                                    (count(*) FILTER (WHERE NOT c.relet))::int AS new_leases,
+                                    (array_agg(c.id))[1] AS first
+                             FROM claimed c GROUP BY c.endpoint_id) cl ON cl.eid = l.eid
+                  LEFT JOIN (SELECT x.eid, count(*)::int AS looked,
+                                    (count(*) FILTER (WHERE x.head AND NOT x.exhausted))::int AS heads,
+                                    (count(*) FILTER (WHERE NOT x.head AND x.locked_by IS NULL))::int AS waiting
+                             FROM cand x GROUP BY x.eid) ca ON ca.eid = l.eid
+                  LEFT JOIN (SELECT x.endpoint_id AS eid, count(*)::int AS expired
+                             FROM exhausted x GROUP BY x.endpoint_id) ex ON ex.eid = l.eid) s;
+        END IF;
 
         IF r_ids IS NOT NULL THEN
             c_ids := c_ids || r_ids;
@@ -364,7 +463,10 @@ BEGIN
             moved := moved + b_expired[i];
             more := n > 0 AND (b_looked[i] > n OR b_heads[i] > started);
             any_more := any_more OR more;
-            flying := p_flying[i] + b_new[i] - b_expired[i];
+            -- A recount saw only live leases: every lease taken now adds
+            -- one. The counter also holds leases that ended unrecorded: a
+            -- lease taken back replaces one, an expired final lease leaves.
+            flying := p_flying[i] + CASE WHEN p_recounted[i] THEN started ELSE b_new[i] - b_expired[i] END;
             IF held IS NULL AND more THEN
                 held := CASE
                     WHEN flying >= p_max[i] THEN 'capacity'

@@ -689,3 +689,125 @@ async fn attempts_never_outlive_their_event() {
     exec(p, "TRUNCATE postbox.outbox").await;
     assert_eq!(count(p, "SELECT count(*) FROM postbox.attempts").await, 0);
 }
+
+/// One claim round over several endpoints (the set-based lease of migration 0006) keeps every rule of the one-endpoint path: a final lease that expired fails its event, a lost lease is logged and taken back, an event behind its key's head is parked, a disabled endpoint is held, and each leased row carries its own endpoint's URL.
+#[tokio::test]
+async fn a_round_over_many_endpoints_keeps_every_rule() {
+    let db = TestDb::new().await;
+    let p = &db.pool;
+    let (ua, ub, uc) = (
+        "https://a.example.com/hook",
+        "https://b.example.com/hook",
+        "https://c.example.com/hook",
+    );
+    // A worker takes one event of A (its final attempt) and one of B, and dies.
+    let a1 = enqueue_bulk(p, ua, 1, None).await[0];
+    let b1 = enqueue_bulk(p, ub, 1, None).await[0];
+    exec(
+        p,
+        &format!("UPDATE postbox.outbox SET max_attempts = 1 WHERE id = '{a1}'"),
+    )
+    .await;
+    assert_eq!(claim(p, "dead", 10, Duration::from_millis(50)).await.unwrap().len(), 2);
+    // Meanwhile: a fresh event for A, two of one key for B, one for a disabled C.
+    let a2 = enqueue_bulk(p, ua, 1, None).await[0];
+    let keyed = enqueue_bulk(p, ub, 2, Some("k")).await;
+    let c1 = enqueue_bulk(p, uc, 1, None).await[0];
+    exec(
+        p,
+        &format!("UPDATE postbox.endpoints SET disabled_at = now() WHERE url = '{uc}'"),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let got = claim(p, "alive", 10, LEASE).await.unwrap();
+    let mut taken: Vec<(Uuid, i32)> = got.iter().map(|r| (r.id, r.attempt)).collect();
+    taken.sort();
+    let mut want = vec![(a2, 1), (b1, 2), (keyed[0], 1)];
+    want.sort();
+    assert_eq!(
+        taken, want,
+        "fresh events, the lost lease and the key's head; nothing else"
+    );
+    for r in &got {
+        let url: String = sqlx::query_scalar("SELECT url FROM postbox.endpoints WHERE id = $1")
+            .bind(r.endpoint_id)
+            .fetch_one(p)
+            .await
+            .unwrap();
+        assert_eq!(r.url, url, "each row carries its own endpoint's URL");
+    }
+
+    assert_eq!(row(p, a1).await, ("failed".into(), 1), "the final lease expired");
+    assert_eq!(
+        count(p, &format!("SELECT count(*) FROM postbox.attempts WHERE outbox_id = '{b1}' AND attempt = 1 AND error LIKE 'lease expired%'")).await,
+        1,
+        "the lost attempt is logged"
+    );
+    assert_eq!(
+        count(
+            p,
+            &format!(
+                "SELECT count(*) FROM postbox.outbox WHERE id = '{}' AND next_attempt_at = 'infinity'",
+                keyed[1]
+            )
+        )
+        .await,
+        1,
+        "the event behind its key's head is parked"
+    );
+    assert!(state_of(p, c1).await.contains("disabled"), "{}", state_of(p, c1).await);
+    let flying: Vec<(String, i32, Option<String>)> = sqlx::query_as(
+        "SELECT e.url, s.in_flight, s.hold FROM postbox.endpoint_state s JOIN postbox.endpoints e ON e.id = s.endpoint_id
+         ORDER BY e.url",
+    )
+    .fetch_all(p)
+    .await
+    .unwrap();
+    assert_eq!(
+        flying,
+        vec![
+            (ua.to_string(), 1, None),
+            (ub.to_string(), 2, None),
+            (uc.to_string(), 0, Some("disabled".to_string())),
+        ],
+        "each endpoint's accounting"
+    );
+}
+
+/// Leases that ended unrecorded leave an endpoint's in-flight count exact: an expired final lease leaves it, a lease taken back counts once, a fresh one adds one (the count is what max_in_flight is held to).
+#[tokio::test]
+async fn taken_back_leases_keep_the_in_flight_count_exact() {
+    let db = TestDb::new().await;
+    let p = &db.pool;
+    let url = "https://a.example.com/hook";
+    let ids = enqueue_bulk(p, url, 2, None).await;
+    exec(
+        p,
+        &format!("UPDATE postbox.outbox SET max_attempts = 1 WHERE id = '{}'", ids[0]),
+    )
+    .await;
+    assert_eq!(claim(p, "dead", 10, Duration::from_millis(50)).await.unwrap().len(), 2);
+    let fresh = enqueue_bulk(p, url, 1, None).await[0];
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut got: Vec<Uuid> = claim(p, "alive", 10, LEASE)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    got.sort();
+    assert_eq!(got, sorted(vec![ids[1], fresh]));
+    assert_eq!(row(p, ids[0]).await.0, "failed");
+    let live = count(
+        p,
+        "SELECT count(*) FROM postbox.outbox WHERE locked_by IS NOT NULL AND locked_until > now()",
+    )
+    .await;
+    assert_eq!(live, 2);
+    assert_eq!(
+        count(p, "SELECT in_flight::bigint FROM postbox.endpoint_state").await,
+        live,
+        "the counter matches the live leases"
+    );
+}
