@@ -31,7 +31,9 @@
 -- it knows how many events each endpoint has, so an endpoint that has fewer
 -- than its share leaves the rest unused in that round; the next round (same
 -- call) hands it to the endpoints still due. The share is the batch divided
--- evenly among the round's endpoints (at least one each).
+-- evenly among the round's endpoints, but at least two events: a tenant with
+-- two events is then served in one visit rather than two, and the endpoints
+-- the budget does not reach stay due, first in line for the next round.
 
 CREATE OR REPLACE FUNCTION postbox.claim(worker_id text, max_rows integer, lease_ms bigint)
 RETURNS TABLE (id uuid, attempt integer, max_attempts integer, payload jsonb, endpoint_id bigint,
@@ -165,7 +167,7 @@ BEGIN
         skipped := false;
         eps_seen := max_rows - got;
         budget := max_rows - got;
-        share := greatest(1, ceil(budget::numeric / cardinality(eps)))::int;
+        share := greatest(least(2, budget), ceil(budget::numeric / cardinality(eps)))::int;
         p_eid := '{}'; p_n := '{}'; p_flying := '{}'; p_lease_check := '{}'; p_used := '{}';
         p_recounted := '{}';
         p_held := '{}'; p_max := '{}'; p_rate := '{}'; p_probing := '{}'; p_paused := '{}';
