@@ -81,10 +81,7 @@ DECLARE
     p_max integer[];
     p_rate integer[];
     p_probing boolean[];
-    p_paused timestamptz[];
-    p_breaker timestamptz[];
-    p_probe_until timestamptz[];
-    p_free_at timestamptz[];
+    p_until timestamptz[];
     p_url text[];
     p_secret text[];
     p_schedule jsonb[];
@@ -111,7 +108,6 @@ DECLARE
     -- the accounting written in pass C, one element per endpoint visited
     u_flying integer[];
     u_lease_check timestamptz[];
-    u_started integer[];
     u_probe uuid[];
     u_held text[];
     u_more boolean[];
@@ -170,8 +166,8 @@ BEGIN
         share := greatest(least(2, budget), ceil(budget::numeric / cardinality(eps)))::int;
         p_eid := '{}'; p_n := '{}'; p_flying := '{}'; p_lease_check := '{}'; p_used := '{}';
         p_recounted := '{}';
-        p_held := '{}'; p_max := '{}'; p_rate := '{}'; p_probing := '{}'; p_paused := '{}';
-        p_breaker := '{}'; p_probe_until := '{}'; p_free_at := '{}'; p_url := '{}'; p_secret := '{}';
+        p_held := '{}'; p_max := '{}'; p_rate := '{}'; p_probing := '{}'; p_until := '{}';
+        p_url := '{}'; p_secret := '{}';
         p_schedule := '{}';
         planned := 0;
 
@@ -251,14 +247,16 @@ BEGIN
             p_max := p_max || ep.max_in_flight;
             p_rate := p_rate || ep.rate_per_minute;
             p_probing := p_probing || (ep.breaker_open_until IS NOT NULL);
-            p_paused := p_paused || ep.paused_until;
-            p_breaker := p_breaker || ep.breaker_open_until;
-            p_probe_until := p_probe_until || ep.probe_until;
-            -- When a full rate window (now, or once this round's starts are
-            -- counted) frees a start: only worked out when it may be needed.
-            p_free_at := p_free_at || CASE WHEN held = 'rate' OR used + n >= ep.rate_per_minute
-                                           THEN coalesce(postbox.rate_free_at(counts, now_s),
-                                                         to_timestamp(now_s + 61)) END;
+            -- When the hold decided here ends, or when a full rate window
+            -- (now, or once this round's starts are counted) frees a start:
+            -- the latter only worked out when it may be needed.
+            p_until := p_until || CASE held
+                WHEN 'paused' THEN ep.paused_until
+                WHEN 'breaker' THEN ep.breaker_open_until
+                WHEN 'probe' THEN ep.probe_until
+                ELSE CASE WHEN held = 'rate' OR used + n >= ep.rate_per_minute
+                          THEN coalesce(postbox.rate_free_at(counts, now_s), to_timestamp(now_s + 61)) END
+                END;
             p_url := p_url || ep.url;
             p_secret := p_secret || ep.secret;
             p_schedule := p_schedule || ep.schedule;
@@ -439,7 +437,7 @@ BEGIN
         END IF;
 
         -- Pass C: what follows for each endpoint visited.
-        u_flying := '{}'; u_lease_check := '{}'; u_started := '{}'; u_probe := '{}'; u_held := '{}';
+        u_flying := '{}'; u_lease_check := '{}'; u_probe := '{}'; u_held := '{}';
         u_more := '{}'; u_target := '{}';
         FOR i IN 1 .. coalesce(cardinality(p_eid), 0) LOOP
             n := p_n[i];
@@ -497,15 +495,14 @@ BEGIN
             END IF;
             u_flying := u_flying || greatest(0, flying);
             u_lease_check := u_lease_check || lease_check;
-            u_started := u_started || started;
             u_probe := u_probe || CASE WHEN p_probing[i] AND started > 0 THEN b_first[i] END;
             u_held := u_held || held;
             u_more := u_more || more;
             u_target := u_target || CASE held
-                WHEN 'paused' THEN p_paused[i]
-                WHEN 'breaker' THEN p_breaker[i]
-                WHEN 'probe' THEN CASE WHEN started > 0 THEN now() + lease ELSE p_probe_until[i] END
-                WHEN 'rate' THEN p_free_at[i]
+                WHEN 'paused' THEN p_until[i]
+                WHEN 'breaker' THEN p_until[i]
+                WHEN 'probe' THEN CASE WHEN started > 0 THEN now() + lease ELSE p_until[i] END
+                WHEN 'rate' THEN p_until[i]
                 WHEN 'capacity' THEN now() + lease
                 WHEN 'disabled' THEN NULL
                 ELSE CASE WHEN more THEN now() END
@@ -535,7 +532,7 @@ BEGIN
                 -- expire unrecorded), whichever comes first.
                 ELSE (SELECT min(t) FROM unnest(ARRAY[u.target, u.lease_check]) t)
                 END
-        FROM unnest(p_eid, p_rate, u_flying, u_lease_check, u_started, u_probe, u_held, u_more, u_target)
+        FROM unnest(p_eid, p_rate, u_flying, u_lease_check, b_started, u_probe, u_held, u_more, u_target)
              AS u(eid, rate, flying, lease_check, started, probe, held, more, target)
         WHERE s.endpoint_id = u.eid;
 
