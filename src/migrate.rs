@@ -54,6 +54,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!("0004_operator_actions"),
     migration!("0005_attempt_log"),
     migration!("0006_set_claim"),
+    migration!("0007_lean_enqueue"),
 ];
 
 /// Advisory lock key taken while migrating ("postbox" in ASCII).
