@@ -300,9 +300,10 @@ pub async fn run(args: WorkerArgs, db: &DbArgs) -> Result<(), Failure> {
         .metrics_addr
         .as_deref()
         .map(|a| a.parse().expect("validated above"));
-    // Claims, records and LISTEN each use one connection; one spare for
-    // health checks and gauges.
-    let pool = db.connect(4).await?;
+    // LISTEN and one for health checks, gauges and the idle loop's questions;
+    // claims and records each open one more of their own (Worker::run), four
+    // in all.
+    let pool = db.connect(2).await?;
     if !postbox::migrate::is_current(&pool).await? {
         return Err(Failure::Runtime(
             "the database is not migrated: run `postbox migrate` first".into(),
