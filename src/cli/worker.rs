@@ -300,9 +300,9 @@ pub async fn run(args: WorkerArgs, db: &DbArgs) -> Result<(), Failure> {
         .metrics_addr
         .as_deref()
         .map(|a| a.parse().expect("validated above"));
-    // LISTEN and one for health checks, gauges and the idle loop's questions;
-    // claims and records each open one more of their own (Worker::run), four
-    // in all.
+    // LISTEN, and one for health checks, gauges and retention; the claim
+    // loop and the outcomes each open one more of their own (Worker::run),
+    // four in all.
     let pool = db.connect(2).await?;
     if !postbox::migrate::is_current(&pool).await? {
         return Err(Failure::Runtime(

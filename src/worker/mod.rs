@@ -136,9 +136,9 @@ struct Shared {
 
 impl Worker {
     /// Starts building a worker on `pool` with the default configuration.
-    /// The worker LISTENs on one of `pool`'s connections and asks small
-    /// questions on the others; its claims and outcomes each use one more
-    /// connection, made with `pool`'s settings while it runs.
+    /// The worker LISTENs on one of `pool`'s connections (the retention
+    /// pass uses the others); its claim loop and its outcomes each use one
+    /// more connection, made with `pool`'s settings while it runs.
     pub fn builder(pool: PgPool) -> WorkerBuilder {
         WorkerBuilder {
             pool,
@@ -264,7 +264,7 @@ impl Worker {
                     // NOTIFYs, and look again shortly in any case.
                     if sleeping && work {
                         sleeping = false;
-                        let _ = store::awake(&self.pool, &self.config.worker_id).await;
+                        let _ = store::awake(&claims, &self.config.worker_id).await;
                     }
                     deadline = Instant::now() + BUSY_POLL;
                     continue;
@@ -272,7 +272,7 @@ impl Worker {
                 if self.config.until_empty
                     && slots.available_permits() == self.config.concurrency
                     && shared.unrecorded.load(Ordering::SeqCst) == 0
-                    && !store::has_due(&self.pool).await.unwrap_or(true)
+                    && !store::has_due(&claims).await.unwrap_or(true)
                 {
                     info!("nothing due or in flight; exiting (--until-empty)");
                     break;
@@ -284,10 +284,10 @@ impl Worker {
                 // cool-down, a lease that may expire), capped by the poll
                 // interval, or until told.
                 if !sleeping {
-                    sleeping = store::asleep(&self.pool, &self.config.worker_id).await.is_ok();
+                    sleeping = store::asleep(&claims, &self.config.worker_id).await.is_ok();
                     work = true;
                 } else {
-                    let nap = match store::next_wake(&self.pool).await {
+                    let nap = match store::next_wake(&claims).await {
                         Ok(Some(d)) => d.clamp(MIN_NAP, self.config.poll_interval.max(MIN_NAP)),
                         Ok(None) | Err(_) => self.config.poll_interval,
                     };
@@ -320,7 +320,7 @@ impl Worker {
         }
 
         if sleeping {
-            let _ = store::awake(&self.pool, &self.config.worker_id).await;
+            let _ = store::awake(&claims, &self.config.worker_id).await;
         }
 
         // Shutdown: let deliveries finish within the grace period.
@@ -389,7 +389,11 @@ impl Worker {
 /// again whenever the pool replaces a connection). Claims and outcomes
 /// therefore each keep a connection of their own, made with the pool's
 /// connect options, timeouts, lifetimes and hooks; a lost connection is
-/// replaced on the next call.
+/// replaced on the next call. The claim loop's other questions (is anything
+/// due, when to look again, the NOTIFY registration) go on its connection
+/// too, where the tables they read are already known: on a connection that
+/// has not read them yet, `postbox.has_due()` took 5.8 ms instead of well
+/// under one.
 fn solo_pool(pool: &PgPool) -> PgPool {
     pool.options()
         .clone()
