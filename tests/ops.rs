@@ -498,3 +498,54 @@ async fn operator_functions() {
         .unwrap();
     assert!(!missing);
 }
+
+/// A worker on a pool of two (as `postbox worker` makes it) holds at most
+/// four connections: LISTEN and one more from the pool, and one each for
+/// its claim loop and its outcomes, made with the pool's settings.
+#[tokio::test]
+async fn a_worker_holds_at_most_four_connections() {
+    let db = TestDb::new().await;
+    let receiver = Receiver::start(Arc::new(|_, _| Reply::status(200))).await;
+    let opts: sqlx::postgres::PgConnectOptions = db.url.parse().unwrap();
+    let worker_pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(opts.application_name("postbox-conn-test"))
+        .await
+        .unwrap();
+    // The endpoint, with limits that let 250 events through at once.
+    enqueue_many(&db.pool, &receiver.url, 1).await;
+    sqlx::query("UPDATE postbox.endpoints SET max_in_flight = 100, rate_per_minute = NULL")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let (stop, handle) = spawn_worker(&worker_pool, config());
+    let count = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND application_name = 'postbox-conn-test'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+    };
+    let mut most = 0;
+    for round in 0..5 {
+        enqueue_many(&db.pool, &receiver.url, 50).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            most = most.max(count().await);
+            if receiver.hits().len() > 50 * (round + 1) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "deliveries stalled");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    stop.send(()).unwrap();
+    handle.await.unwrap();
+    assert!(
+        most >= 3,
+        "LISTEN, claims and outcomes each hold a connection: saw {most}"
+    );
+    assert!(most <= 4, "a worker holds at most four connections: saw {most}");
+}
