@@ -33,36 +33,29 @@ fn message(overrides: Value) -> Value {
     m
 }
 
+/// `SELECT postbox.<function>($1)`: its value, or the error it raised.
+async fn call<A, T>(pool: &PgPool, function: &str, arg: A) -> Result<T, String>
+where
+    A: for<'q> sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send,
+    T: for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send + Unpin,
+{
+    let sql = format!("SELECT postbox.{function}($1)");
+    sqlx::query_scalar(&sql)
+        .bind(arg)
+        .fetch_one(pool)
+        .await
+        .map_err(|e| e.to_string())
+}
+
 async fn message_is_plain(pool: &PgPool, m: &Value) -> bool {
-    sqlx::query_scalar("SELECT postbox.message_is_plain($1)")
-        .bind(m)
-        .fetch_one(pool)
-        .await
-        .unwrap()
-}
-
-/// The full check's verdict: the message it returns, or its error.
-async fn message_in_full(pool: &PgPool, m: &Value) -> Result<Value, String> {
-    sqlx::query_scalar("SELECT postbox.check_message_in_full($1)")
-        .bind(m)
-        .fetch_one(pool)
-        .await
-        .map_err(|e| e.to_string())
-}
-
-/// What enqueue calls: the quick test, then the full check.
-async fn check_message(pool: &PgPool, m: &Value) -> Result<Value, String> {
-    sqlx::query_scalar("SELECT postbox.check_message($1)")
-        .bind(m)
-        .fetch_one(pool)
-        .await
-        .map_err(|e| e.to_string())
+    call(pool, "message_is_plain", m).await.unwrap()
 }
 
 /// Asserts the rule for one message and returns whether it was plain.
 async fn same_verdict(pool: &PgPool, m: &Value) -> bool {
     let plain = message_is_plain(pool, m).await;
-    let full = message_in_full(pool, m).await;
+    // The full check's verdict: the message it returns, or its error.
+    let full: Result<Value, String> = call(pool, "check_message_in_full", m).await;
     if plain {
         assert_eq!(
             full.as_ref(),
@@ -70,8 +63,9 @@ async fn same_verdict(pool: &PgPool, m: &Value) -> bool {
             "quick test accepted {m}, the full check did not return it unchanged"
         );
     }
+    // What enqueue calls: the quick test, then the full check.
     assert_eq!(
-        check_message(pool, m).await,
+        call(pool, "check_message", m).await,
         full,
         "check_message differs from the full check for {m}"
     );
@@ -158,19 +152,7 @@ async fn the_quick_message_test_knows_the_calendar() {
 }
 
 async fn url_is_plain(pool: &PgPool, url: &str) -> bool {
-    sqlx::query_scalar("SELECT postbox.url_is_plain($1)")
-        .bind(url)
-        .fetch_one(pool)
-        .await
-        .unwrap()
-}
-
-async fn url_in_full(pool: &PgPool, url: &str) -> Result<String, String> {
-    sqlx::query_scalar("SELECT postbox.check_callback_url_in_full($1)")
-        .bind(url)
-        .fetch_one(pool)
-        .await
-        .map_err(|e| e.to_string())
+    call(pool, "url_is_plain", url).await.unwrap()
 }
 
 #[tokio::test]
@@ -235,7 +217,13 @@ async fn the_quick_url_test_accepts_only_what_the_full_check_accepts() {
     let long_url = format!("https://example.com/{}", "p".repeat(2048));
     for url in plain.iter().copied().chain([longest_label.as_str()]) {
         assert!(url_is_plain(&db.pool, url).await, "{url:?} should take the quick path");
-        assert_eq!(url_in_full(&db.pool, url).await.as_deref(), Ok(url), "{url:?}");
+        assert_eq!(
+            call::<_, String>(&db.pool, "check_callback_url_in_full", url)
+                .await
+                .as_deref(),
+            Ok(url),
+            "{url:?}"
+        );
     }
     for url in not_plain
         .iter()
