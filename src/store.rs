@@ -8,7 +8,7 @@ use std::borrow::Cow;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::config::BreakerPolicy;
@@ -82,7 +82,12 @@ impl Claimed {
 /// not due again unless the lease expires. Rows whose previous holder never
 /// recorded an outcome get that lost attempt written to `postbox.attempts`;
 /// if it was their last attempt they become `failed` instead.
-pub async fn claim(pool: &PgPool, worker_id: &str, limit: i64, lease: Duration) -> Result<Vec<Claimed>, sqlx::Error> {
+pub async fn claim(
+    conn: &mut PgConnection,
+    worker_id: &str,
+    limit: i64,
+    lease: Duration,
+) -> Result<Vec<Claimed>, sqlx::Error> {
     sqlx::query_as::<_, Claimed>(
         "SELECT id, attempt, max_attempts, payload, endpoint_id, url, secret, claimed_at, retry_schedule
          FROM postbox.claim($1, $2, $3)",
@@ -90,7 +95,7 @@ pub async fn claim(pool: &PgPool, worker_id: &str, limit: i64, lease: Duration) 
     .bind(worker_id)
     .bind(i32::try_from(limit).unwrap_or(i32::MAX))
     .bind(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX))
-    .fetch_all(pool)
+    .fetch_all(conn)
     .await
 }
 
@@ -98,38 +103,38 @@ pub async fn claim(pool: &PgPool, worker_id: &str, limit: i64, lease: Duration) 
 /// (`postbox.has_due`, migration 0002): `--until-empty` keeps going until
 /// this is false. Events held by a disabled, paused or broken endpoint, or
 /// scheduled for later, do not keep it.
-pub async fn has_due(pool: &PgPool) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar("SELECT postbox.has_due()").fetch_one(pool).await
+pub async fn has_due(conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT postbox.has_due()").fetch_one(conn).await
 }
 
 /// How long until a claim may find something (`postbox.next_wake`): the
 /// earliest endpoint wake-up or unnoticed event, measured in database time.
 /// `None` when nothing is scheduled at all.
-pub async fn next_wake(pool: &PgPool) -> Result<Option<Duration>, sqlx::Error> {
+pub async fn next_wake(conn: &mut PgConnection) -> Result<Option<Duration>, sqlx::Error> {
     let secs: Option<f64> = sqlx::query_scalar("SELECT extract(epoch FROM postbox.next_wake())::float8")
-        .fetch_one(pool)
+        .fetch_one(conn)
         .await?;
     Ok(secs.map(|s| Duration::from_secs_f64(s.max(0.0))))
 }
 
 /// Registers the worker as sleeping: from now on enqueues send a NOTIFY
 /// (`postbox.enqueue` notifies only while some worker sleeps).
-pub async fn asleep(pool: &PgPool, worker_id: &str) -> Result<(), sqlx::Error> {
+pub async fn asleep(conn: &mut PgConnection, worker_id: &str) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO postbox.sleeping_workers (worker_id) VALUES ($1)
          ON CONFLICT (worker_id) DO UPDATE SET since = now()",
     )
     .bind(worker_id)
-    .execute(pool)
+    .execute(conn)
     .await
     .map(drop)
 }
 
 /// The worker is busy again: enqueues need not notify it.
-pub async fn awake(pool: &PgPool, worker_id: &str) -> Result<(), sqlx::Error> {
+pub async fn awake(conn: &mut PgConnection, worker_id: &str) -> Result<(), sqlx::Error> {
     sqlx::query("DELETE FROM postbox.sleeping_workers WHERE worker_id = $1")
         .bind(worker_id)
-        .execute(pool)
+        .execute(conn)
         .await
         .map(drop)
 }
@@ -162,7 +167,7 @@ pub struct Outcome {
 /// acknowledged delivery is never recorded as failed. Returns the ids that
 /// were recorded.
 pub async fn record(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     worker_id: &str,
     outcomes: &[Outcome],
     breaker: &BreakerPolicy,
@@ -212,19 +217,19 @@ pub async fn record(
         .bind(i32::try_from(breaker.threshold.max(1)).unwrap_or(i32::MAX))
         .bind(breaker.cooldown.as_secs_f64())
         .bind(breaker.max_cooldown.as_secs_f64())
-        .fetch_all(pool)
+        .fetch_all(conn)
         .await
 }
 
 /// Gives leases back without an outcome (a delivery cut short by shutdown):
 /// the rows are due again at once and the unfinished attempt is not counted.
-pub async fn release(pool: &PgPool, worker_id: &str, leases: &[(Uuid, i32)]) -> Result<u64, sqlx::Error> {
+pub async fn release(conn: &mut PgConnection, worker_id: &str, leases: &[(Uuid, i32)]) -> Result<u64, sqlx::Error> {
     let (ids, attempts): (Vec<Uuid>, Vec<i32>) = leases.iter().copied().unzip();
     let n: i32 = sqlx::query_scalar("SELECT postbox.release($1, $2, $3)")
         .bind(worker_id)
         .bind(ids)
         .bind(attempts)
-        .fetch_one(pool)
+        .fetch_one(conn)
         .await?;
     Ok(u64::try_from(n).unwrap_or(0))
 }

@@ -27,7 +27,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sqlx::PgPool;
+use sqlx::pool::PoolConnection;
+use sqlx::{PgConnection, PgPool, Postgres};
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -175,9 +176,8 @@ impl Worker {
             failed: AtomicU64::new(0),
             retried: AtomicU64::new(0),
         });
-        let claims = solo_pool(&self.pool);
-        let outcomes = solo_pool(&self.pool);
-        let recorder = tokio::spawn(recorder::record_loop(outcomes.clone(), shared.clone(), records_rx));
+        let mut claims = Kept::new(&self.pool);
+        let recorder = tokio::spawn(recorder::record_loop(Kept::new(&self.pool), shared.clone(), records_rx));
         let wake = Arc::new(Notify::new());
         let listener = tokio::spawn(wake::listen_loop(self.pool.clone(), wake.clone()));
         let pruner = self.config.retention.map(|keep| {
@@ -219,7 +219,10 @@ impl Worker {
             let slots_ready = free > 0 && (free >= refill || free == self.config.concurrency);
             if work && slots_ready {
                 let want = free.min(self.config.batch_size);
-                let claimed = store::claim(&claims, &self.config.worker_id, want as i64, self.config.lease).await;
+                let (id, lease) = (&self.config.worker_id, self.config.lease);
+                let claimed = claims
+                    .with(async |c| store::claim(c, id, want as i64, lease).await)
+                    .await;
                 let rows = match claimed {
                     Ok(rows) => {
                         backoff = None;
@@ -264,7 +267,8 @@ impl Worker {
                     // NOTIFYs, and look again shortly in any case.
                     if sleeping && work {
                         sleeping = false;
-                        let _ = store::awake(&claims, &self.config.worker_id).await;
+                        let id = &self.config.worker_id;
+                        let _ = claims.with(async |c| store::awake(c, id).await).await;
                     }
                     deadline = Instant::now() + BUSY_POLL;
                     continue;
@@ -272,7 +276,7 @@ impl Worker {
                 if self.config.until_empty
                     && slots.available_permits() == self.config.concurrency
                     && shared.unrecorded.load(Ordering::SeqCst) == 0
-                    && !store::has_due(&claims).await.unwrap_or(true)
+                    && !claims.with(async |c| store::has_due(c).await).await.unwrap_or(true)
                 {
                     info!("nothing due or in flight; exiting (--until-empty)");
                     break;
@@ -284,10 +288,11 @@ impl Worker {
                 // cool-down, a lease that may expire), capped by the poll
                 // interval, or until told.
                 if !sleeping {
-                    sleeping = store::asleep(&claims, &self.config.worker_id).await.is_ok();
+                    let id = &self.config.worker_id;
+                    sleeping = claims.with(async |c| store::asleep(c, id).await).await.is_ok();
                     work = true;
                 } else {
-                    let nap = match store::next_wake(&claims).await {
+                    let nap = match claims.with(async |c| store::next_wake(c).await).await {
                         Ok(Some(d)) => d.clamp(MIN_NAP, self.config.poll_interval.max(MIN_NAP)),
                         Ok(None) | Err(_) => self.config.poll_interval,
                     };
@@ -320,7 +325,8 @@ impl Worker {
         }
 
         if sleeping {
-            let _ = store::awake(&claims, &self.config.worker_id).await;
+            let id = &self.config.worker_id;
+            let _ = claims.with(async |c| store::awake(c, id).await).await;
         }
 
         // Shutdown: let deliveries finish within the grace period.
@@ -373,12 +379,12 @@ impl Worker {
             }
         };
         claims.close().await;
-        outcomes.close().await;
         stats
     }
 }
 
-/// A pool of one connection with `pool`'s settings, for one kind of call.
+/// A connection kept for one kind of call: the claim loop's, or the
+/// outcomes'.
 ///
 /// PostgreSQL plans the statements of a PL/pgSQL function once per
 /// connection, the first time they run: the first `postbox.claim` on a
@@ -386,18 +392,53 @@ impl Worker {
 /// `postbox.record` alike. A shared pool hands its idle connections out in
 /// turn, so claims and outcomes taking turns on its connections paid that
 /// set-up once per connection, right when the worker starts working (and
-/// again whenever the pool replaces a connection). Claims and outcomes
-/// therefore each keep a connection of their own, made with the pool's
-/// connect options, timeouts, lifetimes and hooks; a lost connection is
-/// replaced on the next call. The claim loop's other questions (is anything
-/// due, when to look again, the NOTIFY registration) go on its connection
-/// too, where the tables they read are already known: on a connection that
-/// has not read them yet, `postbox.has_due()` took 5.8 ms instead of well
-/// under one.
-fn solo_pool(pool: &PgPool) -> PgPool {
-    pool.options()
-        .clone()
-        .max_connections(1)
-        .min_connections(0)
-        .connect_lazy_with((*pool.connect_options()).clone())
+/// again whenever the pool replaced a connection); and sqlx tests a pooled
+/// connection with a round trip when it is handed out and again when it
+/// comes back, two round trips around every claim. The claim loop and the
+/// outcomes therefore each keep one connection checked out of a pool of one
+/// made with the shared pool's connect options, timeouts and hooks. The
+/// claim loop's other questions (is anything due, when to look again, the
+/// NOTIFY registration) go on its connection too, where the tables they
+/// read are already known: on a connection that had not read them,
+/// `postbox.has_due()` took 5.8 ms instead of well under one. After an error
+/// the connection goes back to its pool, which tests it and replaces it if
+/// it is broken.
+struct Kept {
+    pool: PgPool,
+    conn: Option<PoolConnection<Postgres>>,
+}
+
+impl Kept {
+    fn new(shared: &PgPool) -> Self {
+        let pool = shared
+            .options()
+            .clone()
+            .max_connections(1)
+            .min_connections(0)
+            .connect_lazy_with((*shared.connect_options()).clone());
+        Kept { pool, conn: None }
+    }
+
+    /// Runs `call` on the kept connection (taking one first if there is
+    /// none); gives the connection back after an error.
+    async fn with<T>(
+        &mut self,
+        call: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error>,
+    ) -> Result<T, sqlx::Error> {
+        let conn = match self.conn.take() {
+            Some(c) => c,
+            None => self.pool.acquire().await?,
+        };
+        let result = call(&mut **self.conn.insert(conn)).await;
+        if result.is_err() {
+            self.conn = None;
+        }
+        result
+    }
+
+    /// Gives the connection back and closes the pool.
+    async fn close(mut self) {
+        self.conn = None;
+        self.pool.close().await;
+    }
 }

@@ -6,14 +6,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::Retryable;
-use sqlx::PgPool;
+use backon::RetryableWithContext;
 use tokio::sync::mpsc;
 use tracing::warn;
 use uuid::Uuid;
 
 use super::db_error::{db_backoff, is_transient, log_retry};
-use super::{Record, Shared};
+use super::{Kept, Record, Shared};
 use crate::delivery::Next;
 use crate::store;
 
@@ -23,9 +22,9 @@ const RECORD_BATCH: usize = 512;
 /// How long the recorder waits for more outcomes when it has only a few.
 const RECORD_LINGER: Duration = Duration::from_millis(2);
 
-/// Writes outcomes in batches until every sender is gone; returns how many
-/// were dropped by the lease fence.
-pub(super) async fn record_loop(pool: PgPool, shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Record>) -> u64 {
+/// Writes outcomes in batches, on the outcomes' own connection, until every
+/// sender is gone; returns how many were dropped by the lease fence.
+pub(super) async fn record_loop(mut conn: Kept, shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Record>) -> u64 {
     let worker_id = shared.config.worker_id.clone();
     let breaker = shared.config.breaker.clone();
     // Only a weak reference: the channel closes when the last delivery and
@@ -57,8 +56,22 @@ pub(super) async fn record_loop(pool: PgPool, shared: Arc<Shared>, mut rx: mpsc:
         }
         let rescheduled = !releases.is_empty() || outcomes.iter().any(|o| o.decision.next != Next::Delivered);
         if !outcomes.is_empty() {
-            let write = || store::record(&pool, &worker_id, &outcomes, &breaker);
-            match write.retry(db_backoff()).when(is_transient).notify(log_retry).await {
+            let args = (&worker_id, &outcomes, &breaker);
+            let write = |mut conn: Kept| async move {
+                let (worker_id, outcomes, breaker) = args;
+                let r = conn
+                    .with(async |c| store::record(c, worker_id, outcomes, breaker).await)
+                    .await;
+                (conn, r)
+            };
+            let (back, written) = write
+                .retry(db_backoff())
+                .context(conn)
+                .when(is_transient)
+                .notify(log_retry)
+                .await;
+            conn = back;
+            match written {
                 Ok(ids) => {
                     let fenced = outcomes.len() - ids.len();
                     if fenced > 0 {
@@ -88,8 +101,20 @@ pub(super) async fn record_loop(pool: PgPool, shared: Arc<Shared>, mut rx: mpsc:
             }
         }
         if !releases.is_empty() {
-            let write = || store::release(&pool, &worker_id, &releases);
-            if let Err(e) = write.retry(db_backoff()).when(is_transient).notify(log_retry).await {
+            let args = (&worker_id, &releases);
+            let write = |mut conn: Kept| async move {
+                let (worker_id, releases) = args;
+                let r = conn.with(async |c| store::release(c, worker_id, releases).await).await;
+                (conn, r)
+            };
+            let (back, released) = write
+                .retry(db_backoff())
+                .context(conn)
+                .when(is_transient)
+                .notify(log_retry)
+                .await;
+            conn = back;
+            if let Err(e) = released {
                 warn!(error = %e, "could not release leases; they will expire by themselves");
             }
         }
@@ -101,5 +126,6 @@ pub(super) async fn record_loop(pool: PgPool, shared: Arc<Shared>, mut rx: mpsc:
             }
         }
     }
+    conn.close().await;
     fenced_total
 }
