@@ -22,6 +22,28 @@ const RECORD_BATCH: usize = 512;
 /// How long the recorder waits for more outcomes when it has only a few.
 const RECORD_LINGER: Duration = Duration::from_millis(2);
 
+/// Runs `$call` on the kept connection `$conn` (a `Kept`), again with
+/// backoff while the database is away; `$conn` holds the connection again
+/// afterwards. `$call` may use only `Copy` values (references): each try
+/// moves them into its future. A macro, not a function: a function taking
+/// the call as an async closure makes the recorder's task not provably
+/// `Send`.
+macro_rules! retrying {
+    ($conn:ident, |$c:ident| $call:expr) => {{
+        let (back, result) = (|mut kept: Kept| async move {
+            let result = kept.with(async |$c| $call.await).await;
+            (kept, result)
+        })
+        .retry(db_backoff())
+        .context($conn)
+        .when(is_transient)
+        .notify(log_retry)
+        .await;
+        $conn = back;
+        result
+    }};
+}
+
 /// Writes outcomes in batches, on the outcomes' own connection, until every
 /// sender is gone; returns how many were dropped by the lease fence.
 pub(super) async fn record_loop(mut conn: Kept, shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Record>) -> u64 {
@@ -56,21 +78,8 @@ pub(super) async fn record_loop(mut conn: Kept, shared: Arc<Shared>, mut rx: mps
         }
         let rescheduled = !releases.is_empty() || outcomes.iter().any(|o| o.decision.next != Next::Delivered);
         if !outcomes.is_empty() {
-            let args = (&worker_id, &outcomes, &breaker);
-            let write = |mut conn: Kept| async move {
-                let (worker_id, outcomes, breaker) = args;
-                let r = conn
-                    .with(async |c| store::record(c, worker_id, outcomes, breaker).await)
-                    .await;
-                (conn, r)
-            };
-            let (back, written) = write
-                .retry(db_backoff())
-                .context(conn)
-                .when(is_transient)
-                .notify(log_retry)
-                .await;
-            conn = back;
+            let (id, batch, policy) = (&worker_id, &outcomes, &breaker);
+            let written = retrying!(conn, |c| store::record(c, id, batch, policy));
             match written {
                 Ok(ids) => {
                     let fenced = outcomes.len() - ids.len();
@@ -101,19 +110,8 @@ pub(super) async fn record_loop(mut conn: Kept, shared: Arc<Shared>, mut rx: mps
             }
         }
         if !releases.is_empty() {
-            let args = (&worker_id, &releases);
-            let write = |mut conn: Kept| async move {
-                let (worker_id, releases) = args;
-                let r = conn.with(async |c| store::release(c, worker_id, releases).await).await;
-                (conn, r)
-            };
-            let (back, released) = write
-                .retry(db_backoff())
-                .context(conn)
-                .when(is_transient)
-                .notify(log_retry)
-                .await;
-            conn = back;
+            let (id, leases) = (&worker_id, &releases);
+            let released = retrying!(conn, |c| store::release(c, id, leases));
             if let Err(e) = released {
                 warn!(error = %e, "could not release leases; they will expire by themselves");
             }
