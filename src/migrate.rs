@@ -55,6 +55,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!("0005_attempt_log"),
     migration!("0006_set_claim"),
     migration!("0007_lean_enqueue"),
+    migration!("0008_plain_claim"),
 ];
 
 /// Advisory lock key taken while migrating ("postbox" in ASCII).

@@ -72,9 +72,11 @@ impl Claimed {
 
 /// Claims up to `limit` due events, honouring every endpoint's limits.
 ///
-/// The work is done by the SQL function `postbox.claim` (migration 0002,
-/// where the concurrency argument is written out; docs/dispatch.md has the
-/// invariants): it serves endpoints whose wake-up time has come or that have
+/// The work is done by the SQL function `postbox.claim_quick` (migration
+/// 0008): the plain case (one endpoint with new events and room for them)
+/// in two statements, anything else by the full claim, `postbox.claim`
+/// (migration 0002, where the concurrency argument is written out;
+/// docs/dispatch.md has the invariants), with the same result. It serves endpoints whose wake-up time has come or that have
 /// new events, each under its `endpoint_state` row lock (`FOR UPDATE SKIP
 /// LOCKED`, so workers never wait on each other or on applications), takes
 /// as many due events as each endpoint's limits allow, and leases them:
@@ -90,7 +92,7 @@ pub async fn claim(
 ) -> Result<Vec<Claimed>, sqlx::Error> {
     sqlx::query_as::<_, Claimed>(
         "SELECT id, attempt, max_attempts, payload, endpoint_id, url, secret, claimed_at, retry_schedule
-         FROM postbox.claim($1, $2, $3)",
+         FROM postbox.claim_quick($1, $2, $3)",
     )
     .bind(worker_id)
     .bind(i32::try_from(limit).unwrap_or(i32::MAX))

@@ -11,7 +11,7 @@ use postbox::BreakerPolicy;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-/// One row of `postbox.claim`.
+/// One row of `postbox.claim_quick` (as of `postbox.claim`).
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Claimed {
     pub id: Uuid,
@@ -24,11 +24,12 @@ pub struct Claimed {
     pub claimed_at: DateTime<Utc>,
 }
 
-/// `SELECT … FROM postbox.claim(worker, limit, lease)`.
+/// `SELECT … FROM postbox.claim_quick(worker, limit, lease)`: the worker's
+/// claim (the plain case quickly, anything else by `postbox.claim`).
 pub async fn claim(pool: &PgPool, worker: &str, limit: i64, lease: Duration) -> Result<Vec<Claimed>, sqlx::Error> {
     sqlx::query_as(
         "SELECT id, attempt, max_attempts, payload, endpoint_id, url, secret, claimed_at
-         FROM postbox.claim($1, $2, $3)",
+         FROM postbox.claim_quick($1, $2, $3)",
     )
     .bind(worker)
     .bind(limit as i32)

@@ -27,7 +27,7 @@ DECLARE
     cpu1 text[];
 BEGIN
     LOOP
-        SELECT array_agg(c.id), array_agg(c.attempt) INTO ids, atts FROM postbox.claim('cost', batch, 60000) c;
+        SELECT array_agg(c.id), array_agg(c.attempt) INTO ids, atts FROM postbox.claim_quick('cost', batch, 60000) c;
         COMMIT;
         EXIT WHEN ids IS NULL;
         n := cardinality(ids);
