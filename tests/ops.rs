@@ -549,3 +549,52 @@ async fn a_worker_holds_at_most_four_connections() {
     );
     assert!(most <= 4, "a worker holds at most four connections: saw {most}");
 }
+
+/// `postbox worker` connects to a server on this machine without TLS when
+/// no `sslmode` is given (TLS on loopback protects nothing and costs every
+/// round trip), where a client with the default `sslmode=prefer` uses it.
+#[tokio::test]
+async fn the_cli_skips_tls_to_a_loopback_server() {
+    let db = TestDb::new().await;
+    let ssl_on: String = sqlx::query_scalar("SHOW ssl").fetch_one(&db.pool).await.unwrap();
+    let loopback = db.url.contains("@127.0.0.1") || db.url.contains("@localhost");
+    if ssl_on != "on" || !loopback || db.url.contains("sslmode") {
+        eprintln!(
+            "skipped: the test server has ssl = {ssl_on} at {} (needs ssl = on, loopback, no sslmode)",
+            db.url
+        );
+        return;
+    }
+    let sql = "SELECT bool_or(s.ssl) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid)
+               WHERE a.datname = current_database() AND a.application_name = $1";
+    // A client with sqlx's defaults: TLS, as the server offers it.
+    let opts: sqlx::postgres::PgConnectOptions = db.url.parse().unwrap();
+    let default_client = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(opts.application_name("postbox-tls-test"))
+        .await
+        .unwrap();
+    sqlx::query("SELECT 1").execute(&default_client).await.unwrap();
+    let tls: Option<bool> = sqlx::query_scalar(sql)
+        .bind("postbox-tls-test")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(tls, Some(true), "a default client uses TLS here");
+    let mut worker = spawn_worker_process(&db.url, &[]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let tls = loop {
+        let tls: Option<bool> = sqlx::query_scalar(sql)
+            .bind("postbox")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        if tls.is_some() {
+            break tls;
+        }
+        assert!(std::time::Instant::now() < deadline, "the worker never connected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    stop_all(std::slice::from_mut(&mut worker)).await;
+    assert_eq!(tls, Some(false), "the worker's connections are plain on loopback");
+}

@@ -89,7 +89,7 @@ pub async fn connect(url: &str, size: u32) -> Result<PgPool, Failure> {
             format!("is not a PostgreSQL URL: {e}"),
         ))
     })?;
-    let opts = opts.application_name("postbox");
+    let opts = without_tls_on_loopback(url, std::env::var_os("PGSSLMODE").is_some(), opts).application_name("postbox");
     let first = tokio::time::timeout(std::time::Duration::from_secs(10), opts.connect()).await;
     match first {
         Ok(Ok(conn)) => drop(conn),
@@ -107,6 +107,32 @@ pub async fn connect(url: &str, size: u32) -> Result<PgPool, Failure> {
         .connect_with(opts)
         .await
         .map_err(|e| connect_failure(url, &e))
+}
+
+/// Connections to this machine's own server skip TLS unless asked for.
+///
+/// Without an `sslmode` (in the URL or `PGSSLMODE`), sqlx, like libpq,
+/// uses `prefer`: TLS when the server offers it, with no certificate
+/// check. On a loopback address that protects nothing (the bytes never
+/// leave the machine, and an unverified certificate proves nothing about
+/// who listens there) and costs every round trip an encryption and a
+/// decryption on both sides: 3–5 % of a drain here (docs/performance.md).
+/// So a loopback host (`localhost`, 127.0.0.0/8, `::1`) with no `sslmode`
+/// connects in plain text; any `sslmode` that is given, and every other
+/// host, is left as it is.
+fn without_tls_on_loopback(url: &str, sslmode_in_env: bool, opts: PgConnectOptions) -> PgConnectOptions {
+    let asked = url::Url::parse(url).is_ok_and(|u| {
+        u.query_pairs()
+            .any(|(k, _)| k.eq_ignore_ascii_case("sslmode") || k.eq_ignore_ascii_case("ssl-mode"))
+    });
+    let host = opts.get_host().trim_start_matches('[').trim_end_matches(']');
+    let loopback =
+        host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    if loopback && !asked && !sslmode_in_env {
+        opts.ssl_mode(sqlx::postgres::PgSslMode::Disable)
+    } else {
+        opts
+    }
 }
 
 /// `url` with its password replaced by `***`.
@@ -283,5 +309,46 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
         _ = int.recv() => tracing::info!("SIGINT received; shutting down"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::postgres::PgSslMode;
+
+    fn mode(url: &str, env: bool) -> PgSslMode {
+        let opts: PgConnectOptions = url.parse().unwrap();
+        without_tls_on_loopback(url, env, opts).get_ssl_mode()
+    }
+
+    #[test]
+    fn loopback_without_sslmode_is_plain_and_everything_else_is_as_given() {
+        for url in [
+            "postgres://u@127.0.0.1:5432/db",
+            "postgres://u@localhost/db",
+            "postgres://u@[::1]:5432/db",
+            "postgres://u@127.0.0.2/db",
+        ] {
+            assert!(matches!(mode(url, false), PgSslMode::Disable), "{url}");
+            assert!(matches!(mode(url, true), PgSslMode::Prefer), "{url} with PGSSLMODE set");
+        }
+        assert!(matches!(
+            mode("postgres://u@127.0.0.1/db?sslmode=require", false),
+            PgSslMode::Require
+        ));
+        assert!(matches!(
+            mode("postgres://u@localhost/db?sslmode=prefer", false),
+            PgSslMode::Prefer
+        ));
+        assert!(matches!(
+            mode("postgres://u@db.example.com/db", false),
+            PgSslMode::Prefer
+        ));
+        assert!(matches!(mode("postgres://u@10.0.0.5/db", false), PgSslMode::Prefer));
+        assert!(matches!(
+            mode("postgres://u@db.example.com/db?sslmode=verify-full", false),
+            PgSslMode::VerifyFull
+        ));
     }
 }
