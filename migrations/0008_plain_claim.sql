@@ -1,4 +1,5 @@
--- postbox 0008: a quick claim in front of the full one.
+-- postbox 0008: a quick claim in front of the full one (and has_due()
+-- asked in due order, at the end of this file).
 --
 -- At a low rate every event is claimed on its own, right after its NOTIFY,
 -- and the claim is most of the time between the application's commit and
@@ -139,6 +140,22 @@ BEGIN
 
     RETURN QUERY SELECT * FROM postbox.claim(worker_id, max_rows, lease_ms);
 END
+$$;
+
+-- Is anything due (worker --until-empty asks before it exits)? The same
+-- question as 0002's, asked so that the new-event test reads the partial
+-- index in due order and stops at the first row. Asked as a plain EXISTS,
+-- PostgreSQL chose from the statistics of the last ANALYZE: after a bulk
+-- enqueue they say most of the outbox is new, so it read the whole table
+-- (9–13 ms for 20,000 delivered events here, and a full scan of a large
+-- outbox in production until the next ANALYZE).
+CREATE OR REPLACE FUNCTION postbox.has_due() RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT EXISTS (SELECT 1 FROM (SELECT o.next_attempt_at FROM postbox.outbox o
+                                  WHERE o.status = 'pending' AND NOT o.noticed AND o.next_attempt_at <= now()
+                                  ORDER BY o.next_attempt_at LIMIT 1) n)
+        OR EXISTS (SELECT 1 FROM postbox.endpoint_state s
+                   WHERE s.wake_at <= now() OR s.hold IN ('capacity', 'rate'))
 $$;
 
 INSERT INTO postbox.schema_migrations (version, description)

@@ -102,7 +102,7 @@ pub async fn claim(
 }
 
 /// True while something is deliverable now or soon without outside help
-/// (`postbox.has_due`, migration 0002): `--until-empty` keeps going until
+/// (`postbox.has_due`, migrations 0002 and 0008): `--until-empty` keeps going until
 /// this is false. Events held by a disabled, paused or broken endpoint, or
 /// scheduled for later, do not keep it.
 pub async fn has_due(conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
