@@ -21,25 +21,6 @@ use uuid::Uuid;
 
 const TIMEOUT: Duration = Duration::from_secs(1);
 
-/// A small deterministic generator (xorshift64*), so a failing seed replays.
-#[derive(Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
-
 fn seed() -> u64 {
     std::env::var("POSTBOX_RANDOM_SEED")
         .ok()

@@ -36,39 +36,8 @@ const STATE_SQL: &str = "SELECT concat_ws(E'\\n--\\n',
 const FULL_CALLS_SQL: &str =
     "SELECT coalesce((SELECT calls FROM pg_stat_xact_user_functions WHERE funcname = 'claim' AND schemaname = 'postbox'), 0)";
 
-/// A small deterministic generator (xorshift64*), so that a failure can be replayed from its seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 async fn connect(db: &TestDb) -> PgConnection {
     PgConnection::connect(&db.url).await.expect("connect")
-}
-
-async fn enqueue(c: &mut PgConnection, url: &str, n: i32, key: Option<&str>) {
-    sqlx::query(
-        "SELECT postbox.enqueue($1, gen_random_uuid(), jsonb_build_object(
-             'id', gen_random_uuid(), 'content', 'message ' || i, 'content_type', 'TEXT', 'type', 'USER_INPUT',
-             'channel', 'API', 'status', 'RECEIVED', 'created_by', 'u', 'updated_by', 'u',
-             'created_at', '2024-03-21T10:00:00Z', 'updated_at', '2024-03-21T10:00:00Z'), $3)
-         FROM generate_series(1, $2) AS i ORDER BY i",
-    )
-    .bind(url)
-    .bind(n)
-    .bind(key)
-    .execute(&mut *c)
-    .await
-    .unwrap();
 }
 
 /// What one claim did: its leases as text, every dispatch row after it, and
@@ -170,7 +139,7 @@ async fn play(seed: u64, steps: usize, calm: bool) -> (usize, usize) {
     let mut c = connect(&db).await;
     let mut rng = Rng(seed);
     for url in URLS {
-        enqueue(&mut c, url, 1, None).await;
+        enqueue_bulk(&db.pool, url, 1, None).await;
     }
     sqlx::query("UPDATE postbox.endpoints SET max_in_flight = $1, rate_per_minute = NULL")
         .bind(if calm { 10 } else { 4 })
@@ -194,7 +163,7 @@ async fn play(seed: u64, steps: usize, calm: bool) -> (usize, usize) {
                     _ => None,
                 };
                 let n = if calm { 1 } else { 1 + rng.below(4) as i32 };
-                enqueue(&mut c, url, n, key).await;
+                enqueue_bulk(&db.pool, url, n, key).await;
             }
             // A claim, by either of two workers, with a short or a long lease.
             30..=59 => {
@@ -317,7 +286,7 @@ async fn the_plain_claim_decides_as_the_full_claim_in_random_sequences() {
 async fn a_lone_event_is_claimed_the_plain_way() {
     let db = TestDb::new().await;
     let mut c = connect(&db).await;
-    enqueue(&mut c, URLS[0], 1, None).await;
+    enqueue_bulk(&db.pool, URLS[0], 1, None).await;
     // The endpoint's default limits: 10 in flight, 100 a minute.
     assert_eq!(claim(&mut c, 100).await, (1, false));
     let (in_flight, rate, wake_is_lease_end): (i32, Option<i32>, bool) = sqlx::query_as(
@@ -336,7 +305,7 @@ async fn a_lone_event_is_claimed_the_plain_way() {
 async fn a_full_batch_is_claimed_the_plain_way_and_the_rest_stays_due() {
     let db = TestDb::new().await;
     let mut c = connect(&db).await;
-    enqueue(&mut c, URLS[0], 5, None).await;
+    enqueue_bulk(&db.pool, URLS[0], 5, None).await;
     set_limits(&db.pool, URLS[0], 100, None).await;
     assert_eq!(claim(&mut c, 2).await, (2, false));
     let due: bool = scalar(&mut c, "SELECT wake_at <= now() FROM postbox.endpoint_state").await;
@@ -360,9 +329,11 @@ async fn everything_but_the_plain_case_goes_to_the_full_claim() {
         let db = TestDb::new().await;
         let mut c = connect(&db).await;
         let key = (case == "an ordering key").then_some("k");
-        enqueue(&mut c, URLS[0], events, key).await;
+        enqueue_bulk(&db.pool, URLS[0], events, key).await;
         match case {
-            "two endpoints with new events" => enqueue(&mut c, URLS[1], events, None).await,
+            "two endpoints with new events" => {
+                enqueue_bulk(&db.pool, URLS[1], events, None).await;
+            }
             "paused" => {
                 sqlx::query("UPDATE postbox.endpoint_state SET paused_until = now() + interval '1 hour'")
                     .execute(&mut c)
@@ -387,7 +358,7 @@ async fn everything_but_the_plain_case_goes_to_the_full_claim() {
 async fn an_expired_lease_goes_to_the_full_claim() {
     let db = TestDb::new().await;
     let mut c = connect(&db).await;
-    enqueue(&mut c, URLS[0], 1, None).await;
+    enqueue_bulk(&db.pool, URLS[0], 1, None).await;
     let (full, plain) = both(&mut c, "w1", 10, 1).await;
     assert_eq!((full.leases.is_some(), plain.full_ran), (true, false));
     tokio::time::sleep(Duration::from_millis(20)).await;
