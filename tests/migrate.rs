@@ -203,3 +203,32 @@ async fn migrations_run_on_every_installed_postgresql() {
         drop(cluster);
     }
 }
+
+/// Every postbox function that turns sequential scans off (to keep its
+/// statements on their indexes) also turns JIT off: a plan that must scan
+/// anyway then costs over 10^10, past `jit_above_cost`, and would be
+/// compiled on every call (100–230 ms here, migration 0008).
+#[tokio::test]
+async fn functions_without_seqscans_run_without_jit() {
+    let db = TestDb::new().await;
+    let rows: Vec<(String, Vec<String>)> = sqlx::query_as(
+        "SELECT p.oid::regprocedure::text, p.proconfig FROM pg_proc p
+         WHERE p.pronamespace = 'postbox'::regnamespace AND 'enable_seqscan=off' = ANY (p.proconfig)
+         ORDER BY 1",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let names: Vec<&str> = rows.iter().map(|(f, _)| f.split('(').next().unwrap()).collect();
+    for want in [
+        "postbox.claim",
+        "postbox.claim_quick",
+        "postbox.record",
+        "postbox.release",
+    ] {
+        assert!(names.contains(&want), "{want} turns sequential scans off: {names:?}");
+    }
+    for (function, config) in &rows {
+        assert!(config.iter().any(|c| c == "jit=off"), "{function} runs with {config:?}");
+    }
+}
