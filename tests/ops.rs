@@ -584,12 +584,18 @@ async fn the_cli_skips_tls_to_a_loopback_server() {
     let mut worker = spawn_worker_process(&db.url, &[]);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let tls = loop {
+        // Running: its claim loop found nothing and waits for a NOTIFY (so
+        // its connections are open and SIGTERM is handled).
+        let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM postbox.sleeping_workers")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
         let tls: Option<bool> = sqlx::query_scalar(sql)
             .bind("postbox")
             .fetch_one(&db.pool)
             .await
             .unwrap();
-        if tls.is_some() {
+        if waiting > 0 && tls.is_some() {
             break tls;
         }
         assert!(std::time::Instant::now() < deadline, "the worker never connected");
