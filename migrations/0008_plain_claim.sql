@@ -104,11 +104,11 @@ BEGIN
             LIMIT coalesce((SELECT lim.n + 1 FROM lim), 0)
             FOR UPDATE OF o SKIP LOCKED
         ), go AS (
-            SELECT lim.n, (SELECT count(*) FROM cand) > lim.n AS more
-            FROM lim
-            WHERE NOT EXISTS (SELECT 1 FROM cand c WHERE NOT c.plain)
+            SELECT lim.n, r.looked > lim.n AS more
+            FROM lim, (SELECT count(*) AS looked, coalesce(bool_and(c.plain), true) AS plain FROM cand c) r
+            WHERE r.plain
               -- More are due and a limit stopped it: the full claim decides the hold.
-              AND ((SELECT count(*) FROM cand) <= lim.n OR lim.n < lim.room)
+              AND (r.looked <= lim.n OR lim.n < lim.room)
         ), claimed AS (
             UPDATE postbox.outbox o
             SET attempts = o.attempts + 1, locked_by = claim_quick.worker_id, locked_until = now() + lease,
@@ -118,19 +118,18 @@ BEGIN
             RETURNING o.id, o.attempts, o.max_attempts, o.payload
         ), acct AS (
             UPDATE postbox.endpoint_state s
-            SET in_flight      = s.in_flight + (SELECT count(*) FROM claimed),
+            SET in_flight      = s.in_flight + t.started,
                 lease_check_at = least(s.lease_check_at, now() + lease),
                 rate_epoch     = now_s,
                 rate_counts    = CASE WHEN ep.rate IS NOT NULL
-                                      THEN array_prepend(ep.counts[1] + (SELECT count(*) FROM claimed)::int,
-                                                         ep.counts[2:61]) END,
+                                      THEN array_prepend(ep.counts[1] + t.started, ep.counts[2:61]) END,
                 -- More due (the batch is full): look again now; otherwise when
                 -- the earliest lease ends (to take back any that expire
                 -- unrecorded).
                 wake_at        = CASE WHEN (SELECT go.more FROM go) THEN now()
                                       ELSE least(s.lease_check_at, now() + lease) END
-            FROM ep
-            WHERE s.endpoint_id = eid AND EXISTS (SELECT 1 FROM claimed)
+            FROM ep, (SELECT count(*)::int AS started FROM claimed) t
+            WHERE s.endpoint_id = eid AND t.started > 0
         )
         SELECT c.id, c.attempts, c.max_attempts, c.payload, eid, ep.url, ep.secret, now(), ep.schedule
         FROM claimed c, ep;

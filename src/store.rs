@@ -76,10 +76,11 @@ impl Claimed {
 /// 0008): the plain case (one endpoint with new events and room for them)
 /// in two statements, anything else by the full claim, `postbox.claim`
 /// (migration 0002, where the concurrency argument is written out;
-/// docs/dispatch.md has the invariants), with the same result. It serves endpoints whose wake-up time has come or that have
-/// new events, each under its `endpoint_state` row lock (`FOR UPDATE SKIP
-/// LOCKED`, so workers never wait on each other or on applications), takes
-/// as many due events as each endpoint's limits allow, and leases them:
+/// docs/dispatch.md has the invariants), with the same result. It serves
+/// endpoints whose wake-up time has come or that have new events, each
+/// under its `endpoint_state` row lock (`FOR UPDATE SKIP LOCKED`, so
+/// workers never wait on each other or on applications), takes as many due
+/// events as each endpoint's limits allow, and leases them:
 /// `attempts + 1` and `next_attempt_at` moved to the lease's end, so they are
 /// not due again unless the lease expires. Rows whose previous holder never
 /// recorded an outcome get that lost attempt written to `postbox.attempts`;

@@ -506,12 +506,7 @@ async fn operator_functions() {
 async fn a_worker_holds_at_most_four_connections() {
     let db = TestDb::new().await;
     let receiver = Receiver::start(Arc::new(|_, _| Reply::status(200))).await;
-    let opts: sqlx::postgres::PgConnectOptions = db.url.parse().unwrap();
-    let worker_pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(2)
-        .connect_with(opts.application_name("postbox-conn-test"))
-        .await
-        .unwrap();
+    let worker_pool = named_pool(&db.url, "postbox-conn-test", 2).await;
     // The endpoint, with limits that let 250 events through at once.
     enqueue_many(&db.pool, &receiver.url, 1).await;
     sqlx::query("UPDATE postbox.endpoints SET max_in_flight = 100, rate_per_minute = NULL")
@@ -568,12 +563,7 @@ async fn the_cli_skips_tls_to_a_loopback_server() {
     let sql = "SELECT bool_or(s.ssl) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid)
                WHERE a.datname = current_database() AND a.application_name = $1";
     // A client with sqlx's defaults: TLS, as the server offers it.
-    let opts: sqlx::postgres::PgConnectOptions = db.url.parse().unwrap();
-    let default_client = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .connect_with(opts.application_name("postbox-tls-test"))
-        .await
-        .unwrap();
+    let default_client = named_pool(&db.url, "postbox-tls-test", 1).await;
     sqlx::query("SELECT 1").execute(&default_client).await.unwrap();
     let tls: Option<bool> = sqlx::query_scalar(sql)
         .bind("postbox-tls-test")

@@ -14,7 +14,10 @@ mod common;
 
 use std::time::Duration;
 
+use common::protocol::{record, Outcome};
 use common::*;
+use postbox::delivery::{Decision, ErrorKind, Next, Response};
+use postbox::BreakerPolicy;
 use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
 
@@ -89,7 +92,8 @@ async fn both(c: &mut PgConnection, worker: &str, want: i32, lease_ms: i64) -> (
     (full, claim)
 }
 
-/// `postbox.claim_quick` (checked against the full claim), in its own transaction: (events leased, whether the full claim ran).
+/// `postbox.claim_quick`, checked against the full claim, in its own
+/// transaction: (events leased, whether the full claim ran).
 async fn claim(c: &mut PgConnection, want: i32) -> (i64, bool) {
     let (full, claim) = both(c, "w1", want, 60_000).await;
     assert_eq!(claim.leases, full.leases, "the same leases as the full claim");
@@ -105,30 +109,30 @@ where
     sqlx::query_scalar(sql).fetch_one(&mut *c).await.unwrap()
 }
 
-/// Records an outcome for one leased event with `postbox.record`, as the
-/// worker would: `kind` is delivered, retry, failed or gone.
-async fn record(c: &mut PgConnection, id: Uuid, attempt: i32, worker: &str, kind: &str, code: i32, pause_s: f64) {
-    let (error_kind, delay) = match kind {
-        "delivered" => (None, 0.0),
-        "retry" => (Some("http_status"), pause_s),
-        _ => (Some("http_status"), 0.0),
+/// The outcome a worker would record for one attempt: `status`, what
+/// follows, and a `Retry-After` pause for a 429.
+fn outcome(id: Uuid, attempt: i32, status: u16, next: Next) -> Outcome {
+    let retry_after = match next {
+        Next::Retry { after } if status == 429 => Some(after),
+        _ => None,
     };
-    sqlx::query(
-        "SELECT postbox.record($1, ARRAY[$2]::uuid[], ARRAY[$3]::int[], ARRAY[$4]::text[],
-                               ARRAY[$5]::float8[], ARRAY[$6]::int[], ARRAY[$7]::text[], ARRAY['test']::text[],
-                               ARRAY[now()], ARRAY[3], ARRAY[NULL::text], ARRAY[$8]::float8[], 2, 0.05, 0.2)",
-    )
-    .bind(worker)
-    .bind(id)
-    .bind(attempt)
-    .bind(kind)
-    .bind(delay)
-    .bind(code)
-    .bind(error_kind)
-    .bind(pause_s)
-    .execute(&mut *c)
-    .await
-    .unwrap();
+    Outcome {
+        id,
+        attempt,
+        started_at: chrono::Utc::now(),
+        response: Response {
+            status: Some(status),
+            error: (!(200..300).contains(&status)).then_some(ErrorKind::HttpStatus),
+            message: None,
+            body: None,
+            retry_after,
+            elapsed: Duration::from_millis(3),
+        },
+        decision: Decision {
+            next,
+            pause: retry_after,
+        },
+    }
 }
 
 /// One random sequence of steps from `seed`; returns (plain claims, full claims) among the
@@ -138,6 +142,11 @@ async fn play(seed: u64, steps: usize, calm: bool) -> (usize, usize) {
     let db = TestDb::new().await;
     let mut c = connect(&db).await;
     let mut rng = Rng(seed);
+    let breaker = BreakerPolicy {
+        threshold: 2,
+        cooldown: Duration::from_millis(50),
+        max_cooldown: Duration::from_millis(200),
+    };
     for url in URLS {
         enqueue_bulk(&db.pool, url, 1, None).await;
     }
@@ -202,16 +211,20 @@ async fn play(seed: u64, steps: usize, calm: bool) -> (usize, usize) {
                 .await
                 .unwrap();
                 for (id, attempt, worker) in leased {
-                    let (kind, code, pause) = match rng.below(if calm { 400 } else { 40 }) {
-                        0..=29 => ("delivered", 200, 0.0),
-                        30..=32 => ("retry", 500, 0.0),
-                        33..=34 => ("retry", 429, 0.05),
-                        35..=37 => ("retry", 500, 0.03),
-                        38 => ("failed", 500, 0.0),
-                        39 => ("gone", 410, 0.0),
-                        _ => ("delivered", 200, 0.0),
+                    let retry = |ms| Next::Retry {
+                        after: Duration::from_millis(ms),
                     };
-                    record(&mut c, id, attempt, &worker, kind, code, pause).await;
+                    let (status, next) = match rng.below(if calm { 400 } else { 40 }) {
+                        30..=32 => (500, retry(0)),
+                        33..=34 => (429, retry(50)),
+                        35..=37 => (500, retry(30)),
+                        38 => (500, Next::Failed),
+                        39 => (410, Next::Gone),
+                        _ => (200, Next::Delivered),
+                    };
+                    record(&db.pool, &worker, &[outcome(id, attempt, status, next)], &breaker)
+                        .await
+                        .unwrap();
                 }
             }
             // A lease given back (shutdown).

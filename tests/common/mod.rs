@@ -121,6 +121,17 @@ pub async fn pool(url: &str, size: u32) -> PgPool {
         .expect("connect to the test database")
 }
 
+/// A pool whose connections show `name` as their application_name (to
+/// find them in pg_stat_activity).
+pub async fn named_pool(url: &str, name: &str, size: u32) -> PgPool {
+    let opts: sqlx::postgres::PgConnectOptions = url.parse().expect("a database URL");
+    PgPoolOptions::new()
+        .max_connections(size)
+        .connect_with(opts.application_name(name))
+        .await
+        .expect("connect to the test database")
+}
+
 /// A worker configuration for tests: loopback http allowed, short retry
 /// schedule, fast polling, the test secret.
 pub fn config() -> WorkerConfig {
