@@ -8,9 +8,9 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::protocol::{claim, record, release, Outcome};
+use common::protocol::{claim, outcome, record, release, Outcome};
 use common::*;
-use postbox::delivery::{Decision, ErrorKind, Next, Response};
+use postbox::delivery::Next;
 use postbox::BreakerPolicy;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -40,23 +40,6 @@ async fn exec(pool: &PgPool, sql: &str) {
 
 async fn count(pool: &PgPool, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
-}
-
-fn outcome(id: Uuid, attempt: i32, status: u16, next: Next) -> Outcome {
-    Outcome {
-        id,
-        attempt,
-        started_at: chrono::Utc::now(),
-        response: Response {
-            status: Some(status),
-            error: (!(200..300).contains(&status)).then_some(ErrorKind::HttpStatus),
-            message: None,
-            body: None,
-            retry_after: None,
-            elapsed: Duration::from_millis(3),
-        },
-        decision: Decision { next, pause: None },
-    }
 }
 
 fn sorted(mut v: Vec<Uuid>) -> Vec<Uuid> {

@@ -14,9 +14,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::protocol::{record, Outcome};
+use common::protocol::{outcome, record};
 use common::*;
-use postbox::delivery::{Decision, ErrorKind, Next, Response};
+use postbox::delivery::Next;
 use postbox::BreakerPolicy;
 use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
@@ -109,32 +109,6 @@ where
     sqlx::query_scalar(sql).fetch_one(&mut *c).await.unwrap()
 }
 
-/// The outcome a worker would record for one attempt: `status`, what
-/// follows, and a `Retry-After` pause for a 429.
-fn outcome(id: Uuid, attempt: i32, status: u16, next: Next) -> Outcome {
-    let retry_after = match next {
-        Next::Retry { after } if status == 429 => Some(after),
-        _ => None,
-    };
-    Outcome {
-        id,
-        attempt,
-        started_at: chrono::Utc::now(),
-        response: Response {
-            status: Some(status),
-            error: (!(200..300).contains(&status)).then_some(ErrorKind::HttpStatus),
-            message: None,
-            body: None,
-            retry_after,
-            elapsed: Duration::from_millis(3),
-        },
-        decision: Decision {
-            next,
-            pause: retry_after,
-        },
-    }
-}
-
 /// One random sequence of steps from `seed`; returns (plain claims, full claims) among the
 /// claims that leased something. A `calm` sequence is mostly one healthy endpoint (the
 /// plain case); the others mix endpoints, failures, pauses, limits and operators.
@@ -222,9 +196,12 @@ async fn play(seed: u64, steps: usize, calm: bool) -> (usize, usize) {
                         39 => (410, Next::Gone),
                         _ => (200, Next::Delivered),
                     };
-                    record(&db.pool, &worker, &[outcome(id, attempt, status, next)], &breaker)
-                        .await
-                        .unwrap();
+                    let mut o = outcome(id, attempt, status, next);
+                    if let (429, Next::Retry { after }) = (status, next) {
+                        // Retry-After: back-pressure pauses the endpoint.
+                        o.decision.pause = Some(after);
+                    }
+                    record(&db.pool, &worker, &[o], &breaker).await.unwrap();
                 }
             }
             // A lease given back (shutdown).

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use postbox::delivery::{Decision, Next, Response};
+use postbox::delivery::{Decision, ErrorKind, Next, Response};
 use postbox::BreakerPolicy;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -46,6 +46,25 @@ pub struct Outcome {
     pub started_at: DateTime<Utc>,
     pub response: Response,
     pub decision: Decision,
+}
+
+/// An attempt that got `status` (an HTTP-status error unless 2xx), with
+/// `next` decided and no pause.
+pub fn outcome(id: Uuid, attempt: i32, status: u16, next: Next) -> Outcome {
+    Outcome {
+        id,
+        attempt,
+        started_at: chrono::Utc::now(),
+        response: Response {
+            status: Some(status),
+            error: (!(200..300).contains(&status)).then_some(ErrorKind::HttpStatus),
+            message: None,
+            body: None,
+            retry_after: None,
+            elapsed: Duration::from_millis(3),
+        },
+        decision: Decision { next, pause: None },
+    }
 }
 
 /// `postbox.record` for `outcomes`; returns the ids recorded.
