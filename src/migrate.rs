@@ -56,6 +56,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!("0006_set_claim"),
     migration!("0007_lean_enqueue"),
     migration!("0008_plain_claim"),
+    migration!("0009_lone_endpoint_claim"),
 ];
 
 /// Advisory lock key taken while migrating ("postbox" in ASCII).

@@ -1,7 +1,7 @@
-//! The quick claim in front of the full one (migration 0008).
+//! The quick claim in front of the full one (migrations 0008 and 0009).
 //!
 //! `postbox.claim_quick` (what the worker calls) first tries a
-//! two-statement claim for the plain case (one endpoint with new events,
+//! two-statement claim for the plain case (one endpoint with work,
 //! nothing held, room under its limits) and otherwise runs the full claim,
 //! `postbox.claim`. The rule: in every state, `claim_quick` leaves the
 //! tables exactly as the full claim would and returns the same leases. The
@@ -300,8 +300,36 @@ async fn a_full_batch_is_claimed_the_plain_way_and_the_rest_stays_due() {
     assert_eq!(claim(&mut c, 2).await, (2, false));
     let due: bool = scalar(&mut c, "SELECT wake_at <= now() FROM postbox.endpoint_state").await;
     assert!(due, "more are due: the endpoint is due a look");
-    // The look that is due goes to the full claim.
-    assert_eq!(claim(&mut c, 10).await, (3, true));
+    // The lone endpoint due a look is claimed the quick way too (0009).
+    assert_eq!(claim(&mut c, 10).await, (3, false));
+}
+
+#[tokio::test]
+async fn a_look_due_at_another_endpoint_goes_to_the_full_claim() {
+    let db = TestDb::new().await;
+    let mut c = connect(&db).await;
+    enqueue_bulk(&db.pool, URLS[0], 3, None).await;
+    set_limits(&db.pool, URLS[0], 100, None).await;
+    // The first endpoint is left due a look (more are due after a batch of one)…
+    assert_eq!(claim(&mut c, 1).await, (1, false));
+    // …and the second has new events: two endpoints with work, the full claim shares the batch.
+    enqueue_bulk(&db.pool, URLS[1], 3, None).await;
+    assert_eq!(claim(&mut c, 10).await, (5, true));
+    // The same when the other endpoint is only due a look (its events noticed).
+    let db = TestDb::new().await;
+    let mut c = connect(&db).await;
+    enqueue_bulk(&db.pool, URLS[0], 2, None).await;
+    enqueue_bulk(&db.pool, URLS[1], 2, None).await;
+    sqlx::query("UPDATE postbox.outbox SET noticed = true WHERE endpoint_id = (SELECT id FROM postbox.endpoints WHERE url = $1)")
+        .bind(URLS[1])
+        .execute(&mut c)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE postbox.endpoint_state SET wake_at = now() - interval '1 minute'")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(claim(&mut c, 10).await, (4, true));
 }
 
 #[tokio::test]
