@@ -16,6 +16,11 @@
 -- does: when more events are due and the endpoint was due within the last
 -- second, wake_at keeps its value (an unchanged indexed column keeps the
 -- update HOT); otherwise now when more are due, or the earliest lease end.
+-- When that endpoint's state row is locked (an outcome being recorded, or
+-- another worker's claim), step 1 waits for it, for at most 50 ms, instead
+-- of handing over to the full claim, which would find it locked too and
+-- poll for it every millisecond (16–26 such hand-overs in a 20,000-event
+-- drain; none with the wait).
 -- Every other rule of 0008 stands: a hold, a pause, an open breaker, a
 -- lease that may have expired, a limit that stops it with more due, an
 -- ordering key or a lease taken back all go to the full claim.
@@ -36,13 +41,15 @@ DECLARE
     now_s bigint := floor(extract(epoch FROM now()))::bigint;
     eid bigint;
     work boolean;
+    lone bigint;
+    waited text;
 BEGIN
     PERFORM postbox.bookkeeping_commit();
     SELECT (SELECT s.endpoint_id FROM postbox.endpoint_state s
             WHERE s.endpoint_id = u.one
             FOR UPDATE OF s SKIP LOCKED),
-           u.found
-    INTO eid, work
+           u.found, u.one
+    INTO eid, work, lone
     FROM (SELECT CASE WHEN min(c.endpoint_id) = max(c.endpoint_id) THEN min(c.endpoint_id) END AS one,
                  count(*) > 0 AS found
           FROM ((SELECT o.endpoint_id FROM postbox.outbox o
@@ -56,6 +63,23 @@ BEGIN
     -- would return nothing too.
     IF NOT work THEN
         RETURN;
+    END IF;
+    -- The lone endpoint's state row is held: by an outcome being recorded
+    -- or another worker's claim, both a few milliseconds. Wait for it (at
+    -- most 50 ms, as long as the full claim polls) rather than hand over to
+    -- the full claim, which would find the same row locked and poll for it.
+    -- Nothing else is held while waiting, so the wait closes no cycle.
+    IF eid IS NULL AND lone IS NOT NULL THEN
+        waited := current_setting('lock_timeout');
+        BEGIN
+            PERFORM set_config('lock_timeout', '50ms', true);
+            SELECT s.endpoint_id INTO eid FROM postbox.endpoint_state s
+            WHERE s.endpoint_id = lone
+            FOR UPDATE OF s;
+        EXCEPTION WHEN lock_not_available THEN
+            eid := NULL;
+        END;
+        PERFORM set_config('lock_timeout', waited, true);
     END IF;
 
     IF eid IS NOT NULL AND max_rows > 0 THEN

@@ -72,8 +72,8 @@ impl Claimed {
 
 /// Claims up to `limit` due events, honouring every endpoint's limits.
 ///
-/// The work is done by the SQL function `postbox.claim_quick` (migration
-/// 0008): the plain case (one endpoint with new events and room for them)
+/// The work is done by the SQL function `postbox.claim_quick` (migrations
+/// 0008 and 0009): the plain case (one endpoint with work and room for it)
 /// in two statements, anything else by the full claim, `postbox.claim`
 /// (migration 0002, where the concurrency argument is written out;
 /// docs/dispatch.md has the invariants), with the same result. It serves

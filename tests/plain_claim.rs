@@ -389,3 +389,68 @@ async fn an_expired_lease_goes_to_the_full_claim() {
     .await;
     assert_eq!(lost, 1);
 }
+
+#[tokio::test]
+async fn a_claim_waits_a_moment_for_the_lone_endpoints_state_row() {
+    let db = TestDb::new().await;
+    let mut c = connect(&db).await;
+    enqueue_bulk(&db.pool, URLS[0], 3, None).await;
+    set_limits(&db.pool, URLS[0], 100, None).await;
+    // An outcome being recorded holds the state row (as postbox.record does).
+    let mut holder = connect(&db).await;
+    let mut tx = holder.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM postbox.endpoint_state FOR NO KEY UPDATE")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let waiting = tokio::spawn(async move {
+        let mut tx = c.begin().await.unwrap();
+        sqlx::query("SET LOCAL track_functions = 'pl'")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        let before: i64 = sqlx::query_scalar(FULL_CALLS_SQL).fetch_one(&mut *tx).await.unwrap();
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM postbox.claim_quick('w1', 10, 60000)")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        let after: i64 = sqlx::query_scalar(FULL_CALLS_SQL).fetch_one(&mut *tx).await.unwrap();
+        let timeout: String = sqlx::query_scalar("SHOW lock_timeout")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        (n, after > before, timeout)
+    });
+    tokio::time::sleep(Duration::from_millis(15)).await;
+    assert!(!waiting.is_finished(), "the claim waits for the row");
+    tx.commit().await.unwrap();
+    // Released within the wait: the quick claim takes the events, and the
+    // lock timeout is the session's again.
+    assert_eq!(waiting.await.unwrap(), (3, false, "0".to_string()));
+
+    // Held for longer: the full claim runs, finds the row still locked, and
+    // returns nothing rather than wait on (say) an operator's open transaction.
+    let mut c = connect(&db).await;
+    enqueue_bulk(&db.pool, URLS[0], 2, None).await;
+    let mut tx = holder.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM postbox.endpoint_state FOR NO KEY UPDATE")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let mut ctx = c.begin().await.unwrap();
+    sqlx::query("SET LOCAL track_functions = 'pl'")
+        .execute(&mut *ctx)
+        .await
+        .unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM postbox.claim_quick('w1', 10, 60000)")
+        .fetch_one(&mut *ctx)
+        .await
+        .unwrap();
+    let full: i64 = sqlx::query_scalar(FULL_CALLS_SQL).fetch_one(&mut *ctx).await.unwrap();
+    ctx.commit().await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!((n, full), (0, 1));
+    // Once released, the next claim takes them.
+    assert_eq!(claim(&mut c, 10).await.0, 2);
+}

@@ -216,7 +216,12 @@ impl Worker {
             // quarter of the slots (or of the batch size) is free, so that a
             // busy worker makes a few large claims rather than many small ones.
             let refill = (self.config.batch_size.min(self.config.concurrency) / 4).max(1);
-            let slots_ready = free > 0 && (free >= refill || free == self.config.concurrency);
+            // Nor while the recorder is a whole concurrency's worth of
+            // outcomes behind: those leases still count against their
+            // endpoints' max_in_flight, and more claims would only lengthen
+            // the queue. Every recorded batch wakes this loop (progress).
+            let recorder_behind = shared.unrecorded.load(Ordering::SeqCst) >= self.config.concurrency;
+            let slots_ready = free > 0 && (free >= refill || free == self.config.concurrency) && !recorder_behind;
             if work && slots_ready {
                 let want = free.min(self.config.batch_size);
                 let (id, lease) = (&self.config.worker_id, self.config.lease);
