@@ -39,34 +39,34 @@ pub struct Claimed {
 }
 
 impl Claimed {
-    /// The event's conversation and message ids, for log lines (empty when
-    /// the body does not hold them), borrowed from the body.
-    pub fn support_ids(&self) -> (Cow<'_, str>, Cow<'_, str>) {
-        #[derive(serde::Deserialize)]
-        struct Body<'a> {
-            #[serde(borrow, default)]
-            conversation_id: Option<Cow<'a, str>>,
-            #[serde(borrow, default)]
-            data: Option<Data<'a>>,
-        }
-        #[derive(serde::Deserialize)]
-        struct Data<'a> {
-            #[serde(borrow, default)]
-            id: Option<Cow<'a, str>>,
-        }
-        match serde_json::from_str::<Body>(self.payload.0.get()) {
-            Ok(b) => (
-                b.conversation_id.unwrap_or_default(),
-                b.data.and_then(|d| d.id).unwrap_or_default(),
-            ),
-            Err(_) => Default::default(),
-        }
-    }
-
     /// The endpoint's own retry schedule, when it has one.
     pub fn own_schedule(&self) -> Option<Vec<Duration>> {
         let s = self.retry_schedule.as_ref()?;
         Some(s.0.iter().map(|secs| Duration::from_secs_f64(secs.max(0.0))).collect())
+    }
+}
+
+/// A webhook body's conversation and message ids, for log lines (empty when
+/// the body does not hold them), borrowed from the body.
+pub fn support_ids(payload: &str) -> (Cow<'_, str>, Cow<'_, str>) {
+    #[derive(serde::Deserialize)]
+    struct Body<'a> {
+        #[serde(borrow, default)]
+        conversation_id: Option<Cow<'a, str>>,
+        #[serde(borrow, default)]
+        data: Option<Data<'a>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Data<'a> {
+        #[serde(borrow, default)]
+        id: Option<Cow<'a, str>>,
+    }
+    match serde_json::from_str::<Body>(payload) {
+        Ok(b) => (
+            b.conversation_id.unwrap_or_default(),
+            b.data.and_then(|d| d.id).unwrap_or_default(),
+        ),
+        Err(_) => Default::default(),
     }
 }
 

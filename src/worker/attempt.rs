@@ -7,26 +7,39 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use super::{Record, Shared};
 use crate::delivery::{Next, Secrets};
-use crate::store::{Claimed, Outcome};
+use crate::store::{self, Claimed, Outcome};
 
 /// A number in [0, 1) from the OS random source (via UUIDv4).
 pub(super) fn unit_random() -> f64 {
     (Uuid::new_v4().as_u128() as u64 >> 11) as f64 / (1u64 << 53) as f64
 }
 
+/// Logs an event about this attempt at `$level`, with the attempt's ids:
+/// event, endpoint, attempt number, and the conversation and message ids
+/// read from the body (only when the line is written: a delivery that logs
+/// nothing parses nothing and opens no span).
+macro_rules! attempt_log {
+    ($level:ident, $row:expr, $body:expr, $($rest:tt)+) => {
+        if tracing::enabled!(tracing::Level::$level) {
+            let (conversation_id, message_id) = store::support_ids(std::str::from_utf8(&$body).unwrap_or_default());
+            tracing::event!(
+                tracing::Level::$level,
+                event_id = %$row.id,
+                endpoint_id = $row.endpoint_id,
+                attempt = $row.attempt,
+                conversation_id = &*conversation_id,
+                message_id = &*message_id,
+                $($rest)+
+            );
+        }
+    };
+}
+
 /// Delivers one claimed event and hands the outcome to the recorder.
-#[tracing::instrument(skip_all, fields(
-    event_id = %row.id,
-    conversation_id = tracing::field::Empty,
-    message_id = tracing::field::Empty,
-    endpoint_id = row.endpoint_id,
-    attempt = row.attempt,
-))]
 pub(super) async fn deliver(shared: Arc<Shared>, row: Claimed, claimed: Instant, permit: OwnedSemaphorePermit) {
     let config = &shared.config;
     // Database time at the start of this attempt: the claim's now() plus the
@@ -34,12 +47,6 @@ pub(super) async fn deliver(shared: Arc<Shared>, row: Claimed, claimed: Instant,
     let started_at = row.claimed_at + claimed.elapsed();
     let timestamp = started_at.timestamp();
     let id = row.id.to_string();
-    let span = tracing::Span::current();
-    if !span.is_disabled() {
-        let (conversation_id, message_id) = row.support_ids();
-        span.record("conversation_id", &*conversation_id);
-        span.record("message_id", &*message_id);
-    }
     let own_schedule = row.own_schedule();
     let body = Bytes::from(Box::<str>::from(row.payload.0).into_boxed_bytes());
     let own;
@@ -49,12 +56,14 @@ pub(super) async fn deliver(shared: Arc<Shared>, row: Claimed, claimed: Instant,
             Some(&own)
         }
         Some(Err(e)) => {
-            warn!(error = %e, "the endpoint's secret is invalid; using the default secret");
+            attempt_log!(WARN, row, body, error = %e, "the endpoint's secret is invalid; using the default secret");
             config.signing_secret.as_ref()
         }
         None => config.signing_secret.as_ref(),
     };
     let signature = secrets.map(|s| s.sign(&id, timestamp, &body));
+    // A second handle on the body (a reference count), for the log lines below.
+    let sent = body.clone();
     let resp = shared
         .client
         .post(&row.url, &id, timestamp, signature.as_deref(), body)
@@ -74,16 +83,19 @@ pub(super) async fn deliver(shared: Arc<Shared>, row: Claimed, claimed: Instant,
     match decision.next {
         Next::Delivered => {
             shared.delivered.fetch_add(1, Ordering::Relaxed);
-            debug!(status = resp.status, ms = resp.elapsed.as_millis() as u64, "delivered");
+            attempt_log!(DEBUG, row, sent, status = resp.status, ms = resp.elapsed.as_millis() as u64, "delivered");
         }
         Next::Retry { after } => {
             shared.retried.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("postbox_retries_total").increment(1);
-            info!(status = resp.status, error_kind = kind, error = resp.message.as_deref(), retry_in = ?after, "attempt failed; will retry");
+            attempt_log!(INFO, row, sent, status = resp.status, error_kind = kind, error = resp.message.as_deref(), retry_in = ?after, "attempt failed; will retry");
         }
         Next::Failed => {
             shared.failed.fetch_add(1, Ordering::Relaxed);
-            warn!(
+            attempt_log!(
+                WARN,
+                row,
+                sent,
                 status = resp.status,
                 error_kind = kind,
                 error = resp.message.as_deref(),
@@ -91,7 +103,7 @@ pub(super) async fn deliver(shared: Arc<Shared>, row: Claimed, claimed: Instant,
             );
         }
         Next::Gone => {
-            warn!(url = %row.url, "endpoint answered 410 Gone; disabling it (its events are kept)");
+            attempt_log!(WARN, row, sent, url = %row.url, "endpoint answered 410 Gone; disabling it (its events are kept)");
         }
     }
     let outcome = Outcome {
