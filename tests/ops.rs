@@ -363,7 +363,11 @@ async fn json_logs_carry_ids_not_secrets() {
     assert_eq!(retry["event_id"], id.to_string(), "{retry}");
     assert!(retry["conversation_id"].as_str().is_some_and(|s| s.len() == 36));
     assert!(retry["message_id"].as_str().is_some_and(|s| s.len() == 36));
-    assert_eq!((&retry["endpoint_id"], &retry["attempt"]), (&1.into(), &1.into()), "{retry}");
+    assert_eq!(
+        (&retry["endpoint_id"], &retry["attempt"]),
+        (&1.into(), &1.into()),
+        "{retry}"
+    );
     assert_eq!(retry["status"], 500, "{retry}");
     assert!(
         !log.contains("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),

@@ -102,6 +102,10 @@ async fn claim(c: &mut PgConnection, want: i32) -> (i64, bool) {
     (n, claim.full_ran)
 }
 
+async fn exec(c: &mut PgConnection, sql: &str) {
+    sqlx::query(sql).execute(&mut *c).await.unwrap();
+}
+
 async fn scalar<T>(c: &mut PgConnection, sql: &str) -> T
 where
     T: for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send + Unpin,
@@ -325,10 +329,11 @@ async fn a_look_due_at_another_endpoint_goes_to_the_full_claim() {
         .execute(&mut c)
         .await
         .unwrap();
-    sqlx::query("UPDATE postbox.endpoint_state SET wake_at = now() - interval '1 minute'")
-        .execute(&mut c)
-        .await
-        .unwrap();
+    exec(
+        &mut c,
+        "UPDATE postbox.endpoint_state SET wake_at = now() - interval '1 minute'",
+    )
+    .await;
     assert_eq!(claim(&mut c, 10).await, (4, true));
 }
 
@@ -392,6 +397,8 @@ async fn an_expired_lease_goes_to_the_full_claim() {
 
 #[tokio::test]
 async fn a_claim_waits_a_moment_for_the_lone_endpoints_state_row() {
+    // What postbox.record takes while it writes an endpoint's outcomes.
+    const HOLD: &str = "SELECT 1 FROM postbox.endpoint_state FOR NO KEY UPDATE";
     let db = TestDb::new().await;
     let mut c = connect(&db).await;
     enqueue_bulk(&db.pool, URLS[0], 3, None).await;
@@ -399,16 +406,10 @@ async fn a_claim_waits_a_moment_for_the_lone_endpoints_state_row() {
     // An outcome being recorded holds the state row (as postbox.record does).
     let mut holder = connect(&db).await;
     let mut tx = holder.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM postbox.endpoint_state FOR NO KEY UPDATE")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
+    exec(&mut tx, HOLD).await;
     let waiting = tokio::spawn(async move {
         let mut tx = c.begin().await.unwrap();
-        sqlx::query("SET LOCAL track_functions = 'pl'")
-            .execute(&mut *tx)
-            .await
-            .unwrap();
+        exec(&mut tx, "SET LOCAL track_functions = 'pl'").await;
         let before: i64 = sqlx::query_scalar(FULL_CALLS_SQL).fetch_one(&mut *tx).await.unwrap();
         let n: i64 = sqlx::query_scalar("SELECT count(*) FROM postbox.claim_quick('w1', 10, 60000)")
             .fetch_one(&mut *tx)
@@ -434,15 +435,9 @@ async fn a_claim_waits_a_moment_for_the_lone_endpoints_state_row() {
     let mut c = connect(&db).await;
     enqueue_bulk(&db.pool, URLS[0], 2, None).await;
     let mut tx = holder.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM postbox.endpoint_state FOR NO KEY UPDATE")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
+    exec(&mut tx, HOLD).await;
     let mut ctx = c.begin().await.unwrap();
-    sqlx::query("SET LOCAL track_functions = 'pl'")
-        .execute(&mut *ctx)
-        .await
-        .unwrap();
+    exec(&mut ctx, "SET LOCAL track_functions = 'pl'").await;
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM postbox.claim_quick('w1', 10, 60000)")
         .fetch_one(&mut *ctx)
         .await

@@ -83,7 +83,14 @@ pub(super) async fn deliver(shared: Arc<Shared>, row: Claimed, claimed: Instant,
     match decision.next {
         Next::Delivered => {
             shared.delivered.fetch_add(1, Ordering::Relaxed);
-            attempt_log!(DEBUG, row, sent, status = resp.status, ms = resp.elapsed.as_millis() as u64, "delivered");
+            attempt_log!(
+                DEBUG,
+                row,
+                sent,
+                status = resp.status,
+                ms = resp.elapsed.as_millis() as u64,
+                "delivered"
+            );
         }
         Next::Retry { after } => {
             shared.retried.fetch_add(1, Ordering::Relaxed);
