@@ -57,6 +57,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!("0007_lean_enqueue"),
     migration!("0008_plain_claim"),
     migration!("0009_lone_endpoint_claim"),
+    migration!("0010_hash_support_indexes"),
 ];
 
 /// Advisory lock key taken while migrating ("postbox" in ASCII).

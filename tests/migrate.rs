@@ -232,3 +232,43 @@ async fn functions_without_seqscans_run_without_jit() {
         assert!(config.iter().any(|c| c == "jit=off"), "{function} runs with {config:?}");
     }
 }
+
+/// Support finds an event by its id, conversation id or message id
+/// (`postbox.event_story`) through the indexes: the two support indexes are
+/// hash indexes (migration 0010), cheaper for every claim and outcome to
+/// keep than B-trees of random UUIDs, and equality is all they answer.
+#[tokio::test]
+async fn support_lookups_use_the_hash_indexes() {
+    let db = TestDb::new().await;
+    common::enqueue_bulk(&db.pool, "http://127.0.0.1:9/lookup", 2000, None).await;
+    sqlx::query("ANALYZE postbox.outbox").execute(&db.pool).await.unwrap();
+    let kinds: Vec<(String, String)> = sqlx::query_as(
+        "SELECT c.relname::text, a.amname::text FROM pg_class c JOIN pg_am a ON a.oid = c.relam
+         WHERE c.relname IN ('outbox_conversation_idx', 'outbox_message_idx') ORDER BY 1",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        kinds,
+        [
+            ("outbox_conversation_idx".to_string(), "hash".to_string()),
+            ("outbox_message_idx".to_string(), "hash".to_string())
+        ]
+    );
+    // The look-up of event_story, with a key that is none of the three.
+    let plan: Vec<String> = sqlx::query_scalar(
+        "EXPLAIN SELECT o.id FROM postbox.outbox o
+         WHERE o.id = '00000000-0000-4000-8000-000000000000'::uuid
+            OR o.conversation_id = '00000000-0000-4000-8000-000000000000'::uuid
+            OR o.message_id = '00000000-0000-4000-8000-000000000000'::uuid",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let plan = plan.join("\n");
+    for index in ["outbox_pkey", "outbox_conversation_idx", "outbox_message_idx"] {
+        assert!(plan.contains(index), "{index} is not used:\n{plan}");
+    }
+    assert!(!plan.contains("Seq Scan"), "{plan}");
+}
