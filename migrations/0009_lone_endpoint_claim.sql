@@ -19,7 +19,7 @@
 -- When that endpoint's state row is locked (an outcome being recorded, or
 -- another worker's claim), step 1 waits for it, for at most 50 ms, instead
 -- of handing over to the full claim, which would find it locked too and
--- poll for it every millisecond (16–26 such hand-overs in a 20,000-event
+-- poll for it every millisecond (16–27 such hand-overs in a 20,000-event
 -- drain; none with the wait).
 -- Every other rule of 0008 stands: a hold, a pause, an open breaker, a
 -- lease that may have expired, a limit that stops it with more due, an

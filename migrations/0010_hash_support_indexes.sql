@@ -9,9 +9,10 @@
 -- with versions of the same keys, which PostgreSQL then clears by visiting
 -- the heap (bottom-up deletion). Measured here: the claim's and the
 -- outcome's UPDATEs of 20,000 events took 62 µs per event with these two
--- B-trees, 35–43 µs without them and 46–54 µs with hash indexes; a peers
--- drain used 74–86 µs of PostgreSQL CPU per event with hash indexes against
--- 96–98 µs with the B-trees (three drains each, alternating).
+-- B-trees, 35–43 µs without them and 46–54 µs with hash indexes; a
+-- 20,000-event drain used 74–86 µs of PostgreSQL CPU per event with hash
+-- indexes against 96–98 µs with the B-trees (three drains each,
+-- alternating).
 --
 -- Look-ups are by equality only, which a hash index answers as well (and
 -- event_story's `id = key OR conversation_id = key OR message_id = key`
