@@ -277,15 +277,15 @@ async fn claim_never_exceeds_the_batch() {
 }
 
 /// A worker does not run ahead of its recorder: while outcomes cannot be
-/// written, it delivers at most two concurrencies' worth of events (those in
-/// flight and a queue as long as its concurrency), then waits; their leases
-/// still count against the endpoint's max_in_flight, and more claims would
-/// only lengthen the queue.
+/// written, it delivers at most its concurrency plus the queue it allows
+/// (its concurrency, but at least the 64 outcomes the recorder lingers for),
+/// then waits; their leases still count against the endpoint's
+/// max_in_flight, and more claims would only lengthen the queue.
 #[tokio::test]
 async fn a_worker_waits_for_its_recorder() {
     let db = TestDb::new().await;
     let receiver = Receiver::ok().await;
-    enqueue_bulk(&db.pool, &receiver.url, 40, None).await;
+    enqueue_bulk(&db.pool, &receiver.url, 200, None).await;
     set_limits(&db.pool, &receiver.url, 1000, None).await;
     // Outcomes cannot be written while the attempt log is locked against inserts.
     let mut lock = db.pool.begin().await.unwrap();
@@ -297,12 +297,12 @@ async fn a_worker_waits_for_its_recorder() {
     cfg.concurrency = 4;
     cfg.batch_size = 4;
     let (stop, handle) = spawn_worker(&db.pool, cfg);
-    receiver.wait_for(4, Duration::from_secs(20)).await;
+    receiver.wait_for(64, Duration::from_secs(20)).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let ahead = receiver.count();
     assert!(
-        (4..=7).contains(&ahead),
-        "{ahead} events delivered while none could be recorded (at most 2 × 4 - 1)"
+        (64..=67).contains(&ahead),
+        "{ahead} events delivered while none could be recorded (at most 64 + 4 - 1)"
     );
     lock.commit().await.unwrap();
     wait_until(
@@ -314,5 +314,5 @@ async fn a_worker_waits_for_its_recorder() {
     .await;
     let _ = stop.send(());
     let stats = handle.await.unwrap();
-    assert_eq!((receiver.count(), stats.delivered), (40, 40));
+    assert_eq!((receiver.count(), stats.delivered), (200, 200));
 }

@@ -219,8 +219,11 @@ impl Worker {
             // Nor while the recorder is a whole concurrency's worth of
             // outcomes behind: those leases still count against their
             // endpoints' max_in_flight, and more claims would only lengthen
-            // the queue. Every recorded batch wakes this loop (progress).
-            let recorder_behind = shared.unrecorded.load(Ordering::SeqCst) >= self.config.concurrency;
+            // the queue. (At least as many as the recorder lingers for, so a
+            // worker with few slots never waits for each linger.) Every
+            // recorded batch wakes this loop (progress).
+            let recorder_behind =
+                shared.unrecorded.load(Ordering::SeqCst) >= self.config.concurrency.max(recorder::LINGER_BELOW);
             let slots_ready = free > 0 && (free >= refill || free == self.config.concurrency) && !recorder_behind;
             if work && slots_ready {
                 let want = free.min(self.config.batch_size);

@@ -19,8 +19,12 @@ use crate::store;
 /// Outcomes written per statement, at most.
 const RECORD_BATCH: usize = 512;
 
-/// How long the recorder waits for more outcomes when it has only a few.
+/// How long the recorder waits for more outcomes when it has fewer than
+/// [`LINGER_BELOW`].
 const RECORD_LINGER: Duration = Duration::from_millis(2);
+
+/// Below this many queued outcomes the recorder lingers for more.
+pub(super) const LINGER_BELOW: usize = RECORD_BATCH / 8;
 
 /// Runs `$call` on the kept connection `$conn` (a `Kept`), again with
 /// backoff while the database is away; `$conn` holds the connection again
@@ -58,7 +62,7 @@ pub(super) async fn record_loop(mut conn: Kept, shared: Arc<Shared>, mut rx: mps
     while rx.recv_many(&mut batch, RECORD_BATCH).await > 0 {
         // Linger a moment for more: one statement (and one commit) for many
         // outcomes. Delivery is not delayed by this; only the bookkeeping is.
-        if batch.len() < RECORD_BATCH / 8 {
+        if batch.len() < LINGER_BELOW {
             tokio::time::sleep(RECORD_LINGER).await;
             while batch.len() < RECORD_BATCH {
                 match rx.try_recv() {
