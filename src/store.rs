@@ -81,8 +81,8 @@ pub fn support_ids(payload: &str) -> (Cow<'_, str>, Cow<'_, str>) {
 /// under its `endpoint_state` row lock (`FOR UPDATE SKIP LOCKED`, so
 /// workers skip each other's endpoints and never wait on applications; the
 /// quick claim waits up to 50 ms for the row only when that endpoint is the
-/// one with work), takes as many due
-/// events as each endpoint's limits allow, and leases them:
+/// one with work), takes as many due events as each endpoint's limits
+/// allow, and leases them:
 /// `attempts + 1` and `next_attempt_at` moved to the lease's end, so they are
 /// not due again unless the lease expires. Rows whose previous holder never
 /// recorded an outcome get that lost attempt written to `postbox.attempts`;

@@ -410,18 +410,11 @@ async fn a_claim_waits_a_moment_for_the_lone_endpoints_state_row() {
     let waiting = tokio::spawn(async move {
         let mut tx = c.begin().await.unwrap();
         exec(&mut tx, "SET LOCAL track_functions = 'pl'").await;
-        let before: i64 = sqlx::query_scalar(FULL_CALLS_SQL).fetch_one(&mut *tx).await.unwrap();
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM postbox.claim_quick('w1', 10, 60000)")
-            .fetch_one(&mut *tx)
-            .await
-            .unwrap();
-        let after: i64 = sqlx::query_scalar(FULL_CALLS_SQL).fetch_one(&mut *tx).await.unwrap();
-        let timeout: String = sqlx::query_scalar("SHOW lock_timeout")
-            .fetch_one(&mut *tx)
-            .await
-            .unwrap();
+        let quick = run(&mut tx, "claim_quick", "w1", 10, 60_000).await;
+        let timeout: String = scalar(&mut tx, "SHOW lock_timeout").await;
         tx.commit().await.unwrap();
-        (n, after > before, timeout)
+        let n = quick.leases.map_or(0, |l| l.lines().count());
+        (n, quick.full_ran, timeout)
     });
     tokio::time::sleep(Duration::from_millis(15)).await;
     assert!(!waiting.is_finished(), "the claim waits for the row");
@@ -438,14 +431,10 @@ async fn a_claim_waits_a_moment_for_the_lone_endpoints_state_row() {
     exec(&mut tx, HOLD).await;
     let mut ctx = c.begin().await.unwrap();
     exec(&mut ctx, "SET LOCAL track_functions = 'pl'").await;
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM postbox.claim_quick('w1', 10, 60000)")
-        .fetch_one(&mut *ctx)
-        .await
-        .unwrap();
-    let full: i64 = sqlx::query_scalar(FULL_CALLS_SQL).fetch_one(&mut *ctx).await.unwrap();
+    let quick = run(&mut ctx, "claim_quick", "w1", 10, 60_000).await;
     ctx.commit().await.unwrap();
     tx.commit().await.unwrap();
-    assert_eq!((n, full), (0, 1));
+    assert_eq!((quick.leases, quick.full_ran), (None, true));
     // Once released, the next claim takes them.
     assert_eq!(claim(&mut c, 10).await.0, 2);
 }
